@@ -1,0 +1,13 @@
+//! omni engine: Qwen3-Omni inference on the CPU (candle), stage by stage.
+//!
+//! Stages meet only through typed values; see each module's docs for the reference code it follows.
+
+pub mod audio;
+pub mod chat;
+pub mod config;
+pub mod generation;
+pub mod nn;
+pub mod pipeline;
+pub mod thinker;
+pub mod tokenizer;
+pub mod weights;

@@ -1,0 +1,317 @@
+//! The Thinker's text decoder: embeddings, 48 (here: `num_hidden_layers`) MoE decoder layers with
+//! GQA attention, q/k RMSNorm and interleaved M-RoPE, the final norm and `lm_head`.
+//!
+//! Reference: `Qwen3OmniMoeThinkerTextModel` and `Qwen3OmniMoeThinkerForConditionalGeneration` in
+//! transformers' `models/qwen3_omni_moe/modeling_qwen3_omni_moe.py`. Checkpoint paths:
+//! `thinker.model.embed_tokens`, `thinker.model.layers.N.*`, `thinker.model.norm`, `thinker.lm_head`.
+//! The forward pass takes input embeddings (so audio/image features can be scattered in by the
+//! caller) and three position streams; a [`KvCache`] makes prefill-then-decode incremental.
+
+pub mod moe;
+pub mod rope;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+use crate::config::TextConfig;
+use crate::nn::{Linear, RmsNorm};
+use crate::weights::Weights;
+use moe::{DenseMlp, FeedForward, SparseMoe};
+use rope::{apply_rotary, MultimodalRope};
+
+/// Keys and values of every layer for the tokens seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers], len: 0 }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let kv = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[layer] = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+/// GQA self-attention with per-head q/k RMSNorm.
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &TextConfig, w: &Weights) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            q_proj: Linear::load(&w.pp("q_proj"), h, nh * hd, bias)?,
+            k_proj: Linear::load(&w.pp("k_proj"), h, nkv * hd, bias)?,
+            v_proj: Linear::load(&w.pp("v_proj"), h, nkv * hd, bias)?,
+            o_proj: Linear::load(&w.pp("o_proj"), nh * hd, h, bias)?,
+            q_norm: RmsNorm::load(&w.pp("q_norm"), hd, cfg.rms_norm_eps)?,
+            k_norm: RmsNorm::load(&w.pp("k_norm"), hd, cfg.rms_norm_eps)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let hd = self.head_dim;
+        // 1. Projections, per-head norm: [b, t, heads, hd] → [b, heads, t, hd].
+        let q = self.q_norm.forward(&self.q_proj.forward(x)?.reshape((b, t, self.num_heads, hd))?)?;
+        let k = self.k_norm.forward(&self.k_proj.forward(x)?.reshape((b, t, self.num_kv_heads, hd))?)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, self.num_kv_heads, hd))?;
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        // 2. Rotary on the new positions, then append to the cache: k, v [b, kv_heads, s, hd].
+        let q = apply_rotary(&q, cos, sin)?;
+        let k = apply_rotary(&k, cos, sin)?;
+        let (k, v) = cache.append(layer, k, v)?;
+        let s = k.dim(2)?;
+        // 3. Grouped heads: [b, kv, groups·t, hd] against [b, kv, s, hd].
+        let groups = self.num_heads / self.num_kv_heads;
+        let q = q.reshape((b, self.num_kv_heads, groups * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            // mask [t, s] repeated for each group: [groups·t, s].
+            let mask = mask.unsqueeze(0)?.expand((groups, t, s))?.reshape((groups * t, s))?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // [b, kv, groups·t, hd]
+        // 4. Back to [b, t, heads·hd] in head order (head = kv·groups + g).
+        let out = out.reshape((b, self.num_heads, t, hd))?.transpose(1, 2)?.reshape((b, t, self.num_heads * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: FeedForward,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &TextConfig, w: &Weights, layer: usize) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let mlp = if cfg.is_sparse_layer(layer) {
+            FeedForward::Sparse(SparseMoe::new(
+                &w.pp("mlp"),
+                h,
+                cfg.moe_intermediate_size,
+                cfg.num_experts,
+                cfg.num_experts_per_tok,
+                cfg.norm_topk_prob,
+            )?)
+        } else {
+            FeedForward::Dense(DenseMlp::new(&w.pp("mlp"), h, cfg.intermediate_size)?)
+        };
+        Ok(Self {
+            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
+            self_attn: Attention::new(cfg, &w.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+            mlp,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache, layer)?;
+        let x = (x + attn)?;
+        let ff = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + ff)?)
+    }
+}
+
+/// What one forward pass returns.
+#[derive(Debug)]
+pub struct ThinkerStep {
+    /// Final-norm hidden states `[1, t, hidden]`.
+    pub hidden: Tensor,
+    /// Hidden states after the decoder layers asked for (`[1, t, hidden]` each), in the order asked.
+    pub captured: Vec<Tensor>,
+}
+
+/// The Thinker's language model.
+#[derive(Debug, Clone)]
+pub struct ThinkerText {
+    cfg: TextConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: MultimodalRope,
+    device: Device,
+}
+
+impl ThinkerText {
+    /// Loads from the `thinker` prefix of an Omni checkpoint.
+    pub fn new(cfg: &TextConfig, thinker: &Weights) -> Result<Self> {
+        Self::new_with_progress(cfg, thinker, &mut |_| {})
+    }
+
+    /// As [`Self::new`], calling `on_layer(l)` after each decoder layer is loaded.
+    pub fn new_with_progress(cfg: &TextConfig, thinker: &Weights, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let model = thinker.pp("model");
+        let embed_tokens = model.get(&[v, h], "embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            layers.push(DecoderLayer::new(cfg, &model.pp("layers").pp(l), l)?);
+            on_layer(l);
+        }
+        let norm = RmsNorm::load(&model.pp("norm"), h, cfg.rms_norm_eps)?;
+        let lm_head = if thinker.contains("lm_head.weight") || !cfg.tie_word_embeddings {
+            Linear::load(&thinker.pp("lm_head"), h, v, false)?
+        } else {
+            Linear::new(embed_tokens.clone(), None)
+        };
+        let rope_cfg = cfg.rope()?;
+        let rope = MultimodalRope::new(cfg.head_dim(), rope_cfg.theta, &rope_cfg.mrope_section)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: thinker.store().device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Token embeddings `[1, t, hidden]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.cfg.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {bad} is outside the Thinker vocabulary of {vocab}");
+        }
+        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;
+        Ok(self.embed_tokens.index_select(&idx, 0)?.unsqueeze(0)?)
+    }
+
+    /// Runs the decoder on `embeds [1, t, hidden]` at `positions` (three streams of length t),
+    /// appending to `cache`. `capture` names decoder layers whose outputs are returned too.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &[Vec<i64>; 3],
+        cache: &mut KvCache,
+        capture: &[usize],
+    ) -> Result<ThinkerStep> {
+        let t = embeds.dim(1)?;
+        let past = cache.len();
+        // 1. Rotary tables for the new positions and the causal mask over [past + t].
+        let (cos, sin) = self.rope.cos_sin(positions, &self.device)?;
+        let mask = if t > 1 { Some(causal_mask(t, past, &self.device)?) } else { None };
+        // 2. Decoder layers.
+        let mut x = embeds.clone();
+        let mut captured = vec![None; capture.len()];
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &cos, &sin, mask.as_ref(), cache, l)?;
+            for (slot, &want) in captured.iter_mut().zip(capture) {
+                if want == l {
+                    *slot = Some(x.clone());
+                }
+            }
+        }
+        cache.len = past + t;
+        let captured = captured
+            .into_iter()
+            .zip(capture)
+            .map(|(c, l)| c.ok_or_else(|| anyhow::anyhow!("layer {l} does not exist")))
+            .collect::<Result<Vec<_>>>()?;
+        // 3. Final norm.
+        Ok(ThinkerStep { hidden: self.norm.forward(&x)?, captured })
+    }
+
+    /// `lm_head` on hidden states `[1, t, hidden]` → logits `[1, t, vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// Logits of the last position as a vector.
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        Ok(self.logits(&last)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// `[t, past + t]` additive mask: query i sees keys `0 ..= past + i`.
+fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let s = past + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(data, (t, s), device)?)
+}
+
+/// Convenience: the last dimension's argmax of a vector.
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,200 @@
+//! Feed-forward blocks of the Thinker decoder: the sparse MoE block and the dense SwiGLU MLP.
+//!
+//! Reference: `Qwen3OmniMoeThinkerTextSparseMoeBlock`, `Qwen3OmniMoeThinkerTextTopKRouter`,
+//! `Qwen3OmniMoeThinkerTextExperts` and `Qwen3OmniMoeThinkerTextMLP`. The router takes a softmax over
+//! all experts in f32, keeps the top k, and renormalises them when `norm_topk_prob`. Experts are
+//! stacked in 3-D tensors (`gate_up [E, 2I, H]`, `down [E, H, I]`) as transformers and llama.cpp keep
+//! them; the checkpoint stores them one expert at a time.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+
+use crate::nn::{silu, Linear};
+use crate::weights::Weights;
+
+/// The routing decision for one token: expert indices and their weights, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub experts: Vec<usize>,
+    pub weights: Vec<f32>,
+}
+
+/// Softmax over `logits`, top-`k` (ties keep the lower index first), optional renormalisation.
+pub fn route_token(logits: &[f32], k: usize, renormalise: bool) -> Route {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    let probs: Vec<f32> = exps.iter().map(|e| e / sum).collect();
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    let mut weights: Vec<f32> = order.iter().map(|&e| probs[e]).collect();
+    if renormalise {
+        let total: f32 = weights.iter().sum();
+        weights.iter_mut().for_each(|w| *w /= total);
+    }
+    Route { experts: order, weights }
+}
+
+/// `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct DenseMlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl DenseMlp {
+    pub fn new(w: &Weights, hidden: usize, intermediate: usize) -> Result<Self> {
+        Ok(Self {
+            gate_proj: Linear::load(&w.pp("gate_proj"), hidden, intermediate, false)?,
+            up_proj: Linear::load(&w.pp("up_proj"), hidden, intermediate, false)?,
+            down_proj: Linear::load(&w.pp("down_proj"), intermediate, hidden, false)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = (silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
+    }
+}
+
+/// Stacked experts: `gate_up [E, 2I, H]`, `down [E, H, I]`.
+#[derive(Debug, Clone)]
+pub struct StackedExperts {
+    gate_up: Tensor,
+    down: Tensor,
+    intermediate: usize,
+}
+
+impl StackedExperts {
+    /// Reads `{w}.{e}.gate_proj.weight`, `up_proj`, `down_proj` for every expert and stacks them.
+    pub fn load(w: &Weights, num_experts: usize, hidden: usize, intermediate: usize) -> Result<Self> {
+        let mut gate_up = Vec::with_capacity(num_experts);
+        let mut down = Vec::with_capacity(num_experts);
+        for e in 0..num_experts {
+            let ew = w.pp(e);
+            let gate = ew.get(&[intermediate, hidden], "gate_proj.weight")?;
+            let up = ew.get(&[intermediate, hidden], "up_proj.weight")?;
+            gate_up.push(Tensor::cat(&[&gate, &up], 0)?);
+            down.push(ew.get(&[hidden, intermediate], "down_proj.weight")?);
+        }
+        Ok(Self { gate_up: Tensor::stack(&gate_up, 0)?, down: Tensor::stack(&down, 0)?, intermediate })
+    }
+
+    /// Runs expert `e` on rows `x [n, H]`.
+    pub fn expert_forward(&self, e: usize, x: &Tensor) -> Result<Tensor> {
+        let gu = x.matmul(&self.gate_up.get(e)?.t()?)?;
+        let gate = gu.narrow(1, 0, self.intermediate)?;
+        let up = gu.narrow(1, self.intermediate, self.intermediate)?;
+        let h = (silu(&gate)? * up)?;
+        Ok(h.matmul(&self.down.get(e)?.t()?)?)
+    }
+}
+
+/// Router + experts.
+#[derive(Debug, Clone)]
+pub struct SparseMoe {
+    gate: Linear,
+    experts: StackedExperts,
+    top_k: usize,
+    norm_topk_prob: bool,
+    num_experts: usize,
+}
+
+impl SparseMoe {
+    pub fn new(
+        w: &Weights,
+        hidden: usize,
+        moe_intermediate: usize,
+        num_experts: usize,
+        top_k: usize,
+        norm_topk_prob: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            gate: Linear::load(&w.pp("gate"), hidden, num_experts, false)?,
+            experts: StackedExperts::load(&w.pp("experts"), num_experts, hidden, moe_intermediate)?,
+            top_k,
+            norm_topk_prob,
+            num_experts,
+        })
+    }
+
+    /// Routing for every row of `x [n, H]`.
+    pub fn routes(&self, x: &Tensor) -> Result<Vec<Route>> {
+        let logits = self.gate.forward(x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(logits.iter().map(|row| route_token(row, self.top_k, self.norm_topk_prob)).collect())
+    }
+
+    /// `x [b, t, H]` → `[b, t, H]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let rows = x.reshape((b * t, h))?;
+        let routes = self.routes(&rows)?;
+        // Tokens (and their weights) per expert, experts in ascending order as the reference sums them.
+        let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.num_experts];
+        for (token, route) in routes.iter().enumerate() {
+            for (&e, &wgt) in route.experts.iter().zip(&route.weights) {
+                per_expert[e].0.push(token as u32);
+                per_expert[e].1.push(wgt);
+            }
+        }
+        let device = x.device();
+        let mut out = Tensor::zeros((b * t, h), DType::F32, device)?;
+        for (e, (tokens, weights)) in per_expert.into_iter().enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            let n = tokens.len();
+            let idx = Tensor::from_vec(tokens, n, device)?;
+            let xs = rows.index_select(&idx, 0)?;
+            let ys = self.experts.expert_forward(e, &xs)?;
+            let ys = ys.broadcast_mul(&Tensor::from_vec(weights, (n, 1), device)?)?;
+            out = out.index_add(&idx, &ys, 0)?;
+        }
+        Ok(out.reshape((b, t, h))?)
+    }
+}
+
+/// The feed-forward block of one decoder layer.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    Dense(DenseMlp),
+    Sparse(SparseMoe),
+}
+
+impl FeedForward {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(m) => m.forward(x),
+            Self::Sparse(m) => m.forward(x),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_takes_top_k_of_the_softmax() {
+        let r = route_token(&[0.0, 2.0, 1.0, -1.0], 2, false);
+        assert_eq!(r.experts, vec![1, 2]);
+        let z: f32 = [0.0f32, 2.0, 1.0, -1.0].iter().map(|x| x.exp()).sum();
+        assert!((r.weights[0] - 2f32.exp() / z).abs() < 1e-6);
+        assert!((r.weights[1] - 1f32.exp() / z).abs() < 1e-6);
+    }
+
+    #[test]
+    fn renormalised_weights_sum_to_one() {
+        let r = route_token(&[0.3, -0.2, 0.9, 0.1, 0.0], 3, true);
+        assert_eq!(r.experts, vec![2, 0, 3]);
+        assert!((r.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ties_prefer_the_lower_expert() {
+        let r = route_token(&[1.0, 1.0, 1.0], 2, true);
+        assert_eq!(r.experts, vec![0, 1]);
+    }
+}

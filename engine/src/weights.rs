@@ -1,0 +1,210 @@
+//! Checkpoint weights: a Hugging Face directory of safetensors (single file or sharded with
+//! `model.safetensors.index.json`), memory-mapped, read by checkpoint path.
+//!
+//! Every tensor is looked up by its exact name in the checkpoint (`thinker.model.layers.0.self_attn.q_proj.weight`),
+//! its shape is checked, and it is converted to f32 for the CPU path. The store remembers what was
+//! read so a loader can fail on tensors it left unused inside its own component, and report the rest.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+/// Problems with a checkpoint's tensors, each naming the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("tensor `{name}` is missing from the checkpoint {dir}")]
+    Missing { name: String, dir: String },
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?} (from config.json)")]
+    Shape { name: String, found: Vec<usize>, expected: Vec<usize> },
+    #[error("tensor `{name}` has dtype {dtype}; supported are BF16, F16 and F32")]
+    DType { name: String, dtype: String },
+    #[error("{count} tensor(s) under `{prefix}` were not used by the loader (first: {first}); the checkpoint does not match config.json")]
+    Unused { prefix: String, count: usize, first: String },
+}
+
+struct Inner {
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+    st: MmapedSafetensors,
+    names: BTreeSet<String>,
+    used: Mutex<HashSet<String>>,
+    device: Device,
+}
+
+/// The tensors of a checkpoint directory. Cheap to clone.
+#[derive(Clone)]
+pub struct WeightStore {
+    inner: Arc<Inner>,
+}
+
+impl WeightStore {
+    /// Opens `dir/model.safetensors` or the shards listed in `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let files = checkpoint_files(dir)?;
+        for f in &files {
+            if !f.exists() {
+                bail!("checkpoint shard {} is listed in the index but does not exist", f.display());
+            }
+        }
+        // SAFETY: the files are mapped read-only; a concurrent writer would corrupt tensors, as in
+        // every mmap-based loader (transformers, llama.cpp).
+        let st = unsafe { MmapedSafetensors::multi(&files) }
+            .map_err(|e| anyhow::anyhow!("cannot read safetensors in {}: {e}", dir.display()))?;
+        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                files,
+                st,
+                names,
+                used: Mutex::new(HashSet::new()),
+                device: Device::Cpu,
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.inner.files
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.inner.names.contains(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.inner.names.iter().map(String::as_str)
+    }
+
+    /// Loads tensor `name` as f32, checking its shape.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if !self.inner.names.contains(name) {
+            return Err(WeightError::Missing { name: name.to_string(), dir: self.inner.dir.display().to_string() }.into());
+        }
+        let view = self.inner.st.get(name).map_err(|e| anyhow::anyhow!("tensor `{name}`: {e}"))?;
+        let found: Vec<usize> = view.shape().to_vec();
+        if found != shape {
+            return Err(WeightError::Shape { name: name.to_string(), found, expected: shape.to_vec() }.into());
+        }
+        let dtype = view.dtype();
+        use safetensors::Dtype as D;
+        if !matches!(dtype, D::BF16 | D::F16 | D::F32) {
+            return Err(WeightError::DType { name: name.to_string(), dtype: format!("{dtype:?}") }.into());
+        }
+        let t = self.inner.st.load(name, &self.inner.device).with_context(|| format!("tensor `{name}`"))?;
+        let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+        self.inner.used.lock().expect("weight usage lock").insert(name.to_string());
+        Ok(t)
+    }
+
+    /// A view that prefixes names, like a candle `VarBuilder`.
+    pub fn root(&self) -> Weights {
+        Weights { store: self.clone(), prefix: String::new() }
+    }
+
+    /// Tensors under `prefix` that no loader has read.
+    pub fn unused_under(&self, prefix: &str) -> Vec<String> {
+        let used = self.inner.used.lock().expect("weight usage lock");
+        self.inner.names.iter().filter(|n| n.starts_with(prefix) && !used.contains(*n)).cloned().collect()
+    }
+
+    /// Fails when a tensor under `prefix` was left unused: the checkpoint has more than config.json says.
+    pub fn ensure_all_used(&self, prefix: &str) -> Result<()> {
+        let unused = self.unused_under(prefix);
+        if let Some(first) = unused.first() {
+            return Err(WeightError::Unused { prefix: prefix.to_string(), count: unused.len(), first: first.clone() }.into());
+        }
+        Ok(())
+    }
+
+    /// Unused tensors grouped by component (the first two name segments), for a one-line report.
+    pub fn unused_summary(&self) -> BTreeMap<String, usize> {
+        let mut groups = BTreeMap::new();
+        for name in self.unused_under("") {
+            let key: Vec<&str> = name.splitn(3, '.').take(2).collect();
+            *groups.entry(key.join(".")).or_insert(0) += 1;
+        }
+        groups
+    }
+}
+
+/// A prefixed view of a [`WeightStore`]; paths equal checkpoint paths.
+#[derive(Clone)]
+pub struct Weights {
+    store: WeightStore,
+    prefix: String,
+}
+
+impl Weights {
+    pub fn pp(&self, part: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { part.to_string() } else { format!("{}.{}", self.prefix, part) };
+        Self { store: self.store.clone(), prefix }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        self.store.tensor(&self.path(name), shape)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.store.contains(&self.path(name))
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn store(&self) -> &WeightStore {
+        &self.store
+    }
+}
+
+/// The safetensors files of a checkpoint directory, in index order.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        bail!("model directory {} does not exist", dir.display());
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("invalid JSON in {}", index.display()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
+        let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+        files.sort();
+        files.dedup();
+        if files.is_empty() {
+            bail!("{} lists no shards", index.display());
+        }
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    bail!(
+        "no weights in {}: expected model.safetensors or model.safetensors.index.json (GGUF files are not supported yet)",
+        dir.display()
+    )
+}
