@@ -6,6 +6,7 @@ pub mod audio;
 pub mod chat;
 pub mod config;
 pub mod generation;
+pub mod hub;
 pub mod nn;
 pub mod pipeline;
 pub mod thinker;

@@ -38,7 +38,8 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Checkpoint directory (config.json, tokenizer.json, *.safetensors).
+    /// Checkpoint directory (config.json, tokenizer.json, *.safetensors), or a hub id such as
+    /// Qwen/Qwen3-Omni-30B-A3B-Instruct (downloaded when the network allows).
     #[arg(long)]
     model: PathBuf,
     /// The user's text.
@@ -52,13 +53,13 @@ struct RunArgs {
     max_new_tokens: usize,
     /// Sampling temperature; 0 means greedy (plain argmax, no repetition penalty unless
     /// --repetition-penalty is given). Default: the checkpoint's generation_config.json.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f64>,
     #[arg(long)]
     top_k: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     repetition_penalty: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -117,7 +118,8 @@ fn run(args: &RunArgs) -> Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let model = OmniModel::load(&args.model, &mut BarProgress(None))?;
+    let dir = omni_engine::hub::resolve_model(&args.model)?;
+    let model = OmniModel::load(&dir, &mut BarProgress(None))?;
     report_unused(&model);
     let mut sampling = model.default_sampling();
     if let Some(t) = args.temperature {

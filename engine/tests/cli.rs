@@ -1,0 +1,65 @@
+//! The `omni` binary's contract: `omni run ... --json` prints one JSON object with the reference's ids;
+//! bad input exits non-zero with a one-line error.
+
+mod common;
+
+use std::process::Command;
+
+use common::{fixture, TINY_MODELS};
+
+fn omni() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_omni"))
+}
+
+#[test]
+fn run_json_gives_the_reference_ids() {
+    for name in TINY_MODELS {
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden/golden.json")).unwrap()).unwrap();
+        // Case "system": a system message and a user text, as --system / --prompt build them.
+        let case = golden["thinker_text"]["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "system")
+            .unwrap();
+        let system = case["messages"][0]["content"][0]["text"].as_str().unwrap();
+        let prompt = case["messages"][1]["content"][0]["text"].as_str().unwrap();
+        let out = omni()
+            .args(["run", "--model"])
+            .arg(fixture(name))
+            .args(["--system", system, "--prompt", prompt, "--temperature", "0", "--json"])
+            .args(["--max-new-tokens", &case["max_new_tokens"].to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(stdout.trim().lines().count(), 1, "stdout must be exactly one JSON object: {stdout}");
+        let json: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(json["prompt_token_ids"], case["prompt_ids"], "{name}");
+        assert_eq!(json["token_ids"], case["greedy_ids"], "{name}");
+        assert!(json["text"].is_string());
+    }
+}
+
+#[test]
+fn bad_input_is_a_one_line_error() {
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "--model", "/nonexistent/model", "--prompt", "hi"], "/nonexistent/model"),
+        (vec!["run", "--model", "MODEL", "--prompt", "hi", "--temperature", "-1"], "--temperature"),
+        (vec!["run", "--model", "MODEL", "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+        (vec!["run", "--model", "MODEL", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ];
+    let model = fixture("tiny-a");
+    for (args, needle) in cases {
+        let args: Vec<String> =
+            args.iter().map(|a| if *a == "MODEL" { model.display().to_string() } else { a.to_string() }).collect();
+        let out = omni().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: expected one error line, got {stderr}");
+        assert!(lines[0].starts_with("error:") && lines[0].contains(needle), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout on error");
+    }
+}
