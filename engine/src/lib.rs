@@ -4,8 +4,10 @@
 
 pub mod audio;
 pub mod chat;
+pub mod code2wav;
 pub mod config;
 pub mod generation;
+pub mod gguf;
 pub mod hub;
 pub mod nn;
 pub mod pipeline;

@@ -254,7 +254,8 @@ CONFIGS = {
                    "speakers": {"chelsie": 1121, "ethan": 1122, "aiden": 1123}},
         "code_predictor": {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 32, "intermediate": 128,
                            "vocab": 128},
-        "code2wav": {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "decoder_dim": 64},
+        "code2wav": {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "decoder_dim": 64,
+                     "out_scale": 2000.0},
     },
     # Different dims, layer counts, token ids, a dense layer, no top-k renormalisation, the
     # transformers-5 processor/template layout (processor_config.json + chat_template.jinja).
@@ -276,7 +277,8 @@ CONFIGS = {
                    "speakers": {"chelsie": 1181, "ethan": 1182, "aiden": 1183}},
         "code_predictor": {"layers": 3, "heads": 3, "kv_heads": 1, "head_dim": 32, "intermediate": 192,
                            "vocab": 192},
-        "code2wav": {"hidden": 96, "layers": 2, "heads": 3, "intermediate": 192, "decoder_dim": 96},
+        "code2wav": {"hidden": 96, "layers": 2, "heads": 3, "intermediate": 192, "decoder_dim": 96,
+                     "out_scale": 200.0},
     },
 }
 
@@ -321,6 +323,9 @@ def init_weights(model: torch.nn.Module, seed: int, spec: dict) -> None:
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
         model.thinker.lm_head.weight.mul_(spec["thinker"]["lm_head_scale"])
+        # Random Code2Wav is nearly silent (std ~1e-4, which 16-bit WAV rounds away): scale its last
+        # conv so the reference waveform is audible and comparisons measure something.
+        model.code2wav.decoder[-1].conv.weight.mul_(spec["code2wav"]["out_scale"])
         for p in model.parameters():
             p.copy_(round_bf16(p))
 

@@ -1,0 +1,1 @@
+//! GGUF files: llama.cpp-compatible Thinker and mmproj files, our own talker file, Q8_0.
