@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -170,6 +171,29 @@ pub struct StopRule {
     pub max_new_tokens: usize,
 }
 
+/// Query rows per prefill step: attention scores then take `heads × PREFILL_CHUNK × context` floats
+/// instead of `heads × context²`, so a 10-minute audio prompt does not need quadratic memory.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Runs the prompt through the model in chunks of [`PREFILL_CHUNK`] tokens; returns the last
+/// chunk's final hidden states `[1, n, hidden]`.
+pub fn prefill(model: &ThinkerText, embeds: &Tensor, positions: &[Vec<i64>; 3], cache: &mut KvCache) -> Result<Tensor> {
+    let t = embeds.dim(1)?;
+    let mut start = 0;
+    let mut hidden = None;
+    while start < t {
+        let n = PREFILL_CHUNK.min(t - start);
+        let pos = [
+            positions[0][start..start + n].to_vec(),
+            positions[1][start..start + n].to_vec(),
+            positions[2][start..start + n].to_vec(),
+        ];
+        hidden = Some(model.forward(&embeds.narrow(1, start, n)?, &pos, cache, &[])?.hidden);
+        start += n;
+    }
+    hidden.ok_or_else(|| anyhow::anyhow!("empty prompt"))
+}
+
 /// Greedy or sampled text generation from token ids: prefill of the whole prompt, then one token a
 /// step, `on_token` called with each new id (return `false` to cancel).
 pub fn generate_text(
@@ -177,16 +201,32 @@ pub fn generate_text(
     prompt_ids: &[u32],
     sampler: &mut Sampler,
     stop: &StopRule,
+    on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<ThinkerOutput> {
+    let embeds = model.embed(prompt_ids)?;
+    generate_from_embeds(model, prompt_ids, &embeds, &text_positions(0, prompt_ids.len()), sampler, stop, on_token)
+}
+
+/// As [`generate_text`] for a prepared multimodal prompt: `embeds [1, t, h]` with the encoders' tokens
+/// in place, and its three position streams. Decoding continues at `max(position) + 1`, as the
+/// reference's `rope_deltas` make it.
+pub fn generate_from_embeds(
+    model: &ThinkerText,
+    prompt_ids: &[u32],
+    embeds: &Tensor,
+    positions: &[Vec<i64>; 3],
+    sampler: &mut Sampler,
+    stop: &StopRule,
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<ThinkerOutput> {
     let mut cache: KvCache = model.new_cache();
     let start = Instant::now();
     // 1. Prefill.
-    let embeds = model.embed(prompt_ids)?;
-    let step = model.forward(&embeds, &text_positions(0, prompt_ids.len()), &mut cache, &[])?;
-    let mut logits = model.last_logits(&step.hidden)?;
+    let hidden = prefill(model, embeds, positions, &mut cache)?;
+    let mut logits = model.last_logits(&hidden)?;
     let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
     let decode_start = Instant::now();
+    let mut next_pos = positions.iter().flat_map(|p| p.iter().copied()).max().map_or(0, |m| m + 1);
     let mut seen: Vec<u32> = prompt_ids.to_vec();
     let mut out = Vec::new();
     let mut finish = FinishReason::Length;
@@ -206,8 +246,8 @@ pub fn generate_text(
         if out.len() == stop.max_new_tokens {
             break;
         }
-        let pos = cache.len() as i64;
-        let step = model.forward(&model.embed(&[id])?, &text_positions(pos, 1), &mut cache, &[])?;
+        let step = model.forward(&model.embed(&[id])?, &text_positions(next_pos, 1), &mut cache, &[])?;
+        next_pos += 1;
         logits = model.last_logits(&step.hidden)?;
     }
     Ok(ThinkerOutput {

@@ -3,6 +3,8 @@
 //! Stages meet only through typed values; see each module's docs for the reference code it follows.
 
 pub mod audio;
+pub mod audio_encoder;
+pub mod bench;
 pub mod chat;
 pub mod code2wav;
 pub mod config;
@@ -11,6 +13,7 @@ pub mod gguf;
 pub mod hub;
 pub mod nn;
 pub mod pipeline;
+pub mod talker;
 pub mod thinker;
 pub mod tokenizer;
 pub mod weights;

@@ -4,14 +4,21 @@
 //! Every tensor is looked up by its exact name in the checkpoint (`thinker.model.layers.0.self_attn.q_proj.weight`),
 //! its shape is checked, and it is converted to f32 for the CPU path. The store remembers what was
 //! read so a loader can fail on tensors it left unused inside its own component, and report the rest.
+//!
+//! The same store serves GGUF files ([`WeightStore::from_gguf`]): names stay checkpoint names, mapped
+//! to the files' tensors by `gguf::names`, and [`WeightStore::matrix`] hands quantized matrices out
+//! as `QTensor`s over the file map (everything else is dequantized to f32).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
+use candle_core::quantized::QTensor;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+
+use crate::gguf::source::GgufSource;
 
 /// Problems with a checkpoint's tensors, each naming the tensor.
 #[derive(Debug, thiserror::Error)]
@@ -26,10 +33,23 @@ pub enum WeightError {
     Unused { prefix: String, count: usize, first: String },
 }
 
+/// Where the tensors come from.
+enum Backend {
+    Safetensors(MmapedSafetensors),
+    Gguf(GgufSource),
+}
+
+/// A weight matrix as a loader receives it: dense f32, or quantized blocks (from a GGUF file).
+#[derive(Debug, Clone)]
+pub enum WeightMatrix {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
 struct Inner {
     dir: PathBuf,
     files: Vec<PathBuf>,
-    st: MmapedSafetensors,
+    backend: Backend,
     names: BTreeSet<String>,
     used: Mutex<HashSet<String>>,
     device: Device,
@@ -59,12 +79,36 @@ impl WeightStore {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 files,
-                st,
+                backend: Backend::Safetensors(st),
                 names,
                 used: Mutex::new(HashSet::new()),
                 device: Device::Cpu,
             }),
         })
+    }
+
+    /// A store over GGUF files; `dir` names the model in messages.
+    pub fn from_gguf(dir: &Path, source: GgufSource) -> Self {
+        let files = source.files().iter().map(|f| f.file.path().to_path_buf()).collect();
+        let names = source.names().map(str::to_string).collect();
+        Self {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                files,
+                backend: Backend::Gguf(source),
+                names,
+                used: Mutex::new(HashSet::new()),
+                device: Device::Cpu,
+            }),
+        }
+    }
+
+    /// The GGUF files behind this store, if it reads GGUF.
+    pub fn gguf(&self) -> Option<&GgufSource> {
+        match &self.inner.backend {
+            Backend::Gguf(g) => Some(g),
+            Backend::Safetensors(_) => None,
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -92,7 +136,16 @@ impl WeightStore {
         if !self.inner.names.contains(name) {
             return Err(WeightError::Missing { name: name.to_string(), dir: self.inner.dir.display().to_string() }.into());
         }
-        let view = self.inner.st.get(name).map_err(|e| anyhow::anyhow!("tensor `{name}`: {e}"))?;
+        let st = match &self.inner.backend {
+            Backend::Safetensors(st) => st,
+            Backend::Gguf(g) => {
+                self.check_gguf_shape(g, name, shape)?;
+                let t = g.tensor(name, &self.inner.device)?;
+                self.inner.used.lock().expect("weight usage lock").insert(name.to_string());
+                return Ok(t);
+            }
+        };
+        let view = st.get(name).map_err(|e| anyhow::anyhow!("tensor `{name}`: {e}"))?;
         let found: Vec<usize> = view.shape().to_vec();
         if found != shape {
             return Err(WeightError::Shape { name: name.to_string(), found, expected: shape.to_vec() }.into());
@@ -102,10 +155,34 @@ impl WeightStore {
         if !matches!(dtype, D::BF16 | D::F16 | D::F32) {
             return Err(WeightError::DType { name: name.to_string(), dtype: format!("{dtype:?}") }.into());
         }
-        let t = self.inner.st.load(name, &self.inner.device).with_context(|| format!("tensor `{name}`"))?;
+        let t = st.load(name, &self.inner.device).with_context(|| format!("tensor `{name}`"))?;
         let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
         self.inner.used.lock().expect("weight usage lock").insert(name.to_string());
         Ok(t)
+    }
+
+    fn check_gguf_shape(&self, g: &GgufSource, name: &str, shape: &[usize]) -> Result<()> {
+        let found = g.shape(name).unwrap_or_default();
+        if found != shape {
+            let name = format!("{name}` (GGUF `{}", g.gguf_names(name).join("`, `"));
+            return Err(WeightError::Shape { name, found: found.to_vec(), expected: shape.to_vec() }.into());
+        }
+        Ok(())
+    }
+
+    /// Loads weight matrix `name` of shape `shape`: quantized when a GGUF file stores it in a
+    /// block-quantized type (no copy: the blocks stay in the file map), else dense f32.
+    pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<WeightMatrix> {
+        if let Backend::Gguf(g) = &self.inner.backend {
+            if self.inner.names.contains(name) {
+                self.check_gguf_shape(g, name, shape)?;
+                if let Some(q) = g.qmatrix(name)? {
+                    self.inner.used.lock().expect("weight usage lock").insert(name.to_string());
+                    return Ok(WeightMatrix::Quantized(Arc::new(q)));
+                }
+            }
+        }
+        Ok(WeightMatrix::Dense(self.tensor(name, shape)?))
     }
 
     /// A view that prefixes names, like a candle `VarBuilder`.
@@ -164,6 +241,11 @@ impl Weights {
         self.store.tensor(&self.path(name), shape)
     }
 
+    /// A weight matrix, quantized when the source stores it quantized (see [`WeightStore::matrix`]).
+    pub fn matrix(&self, shape: &[usize], name: &str) -> Result<WeightMatrix> {
+        self.store.matrix(&self.path(name), shape)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.store.contains(&self.path(name))
     }
@@ -204,7 +286,7 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     bail!(
-        "no weights in {}: expected model.safetensors or model.safetensors.index.json (GGUF files are not supported yet)",
+        "no weights in {}: expected model.safetensors, model.safetensors.index.json or GGUF files (thinker-*.gguf)",
         dir.display()
     )
 }

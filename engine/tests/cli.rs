@@ -63,3 +63,57 @@ fn bad_input_is_a_one_line_error() {
         assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout on error");
     }
 }
+
+#[test]
+fn run_with_audio_gives_the_reference_ids() {
+    for name in TINY_MODELS {
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden/golden.json")).unwrap()).unwrap();
+        for case in golden["thinker_audio"]["cases"].as_array().unwrap() {
+            let mut cmd = omni();
+            cmd.args(["run", "--model"]).arg(fixture(name));
+            for clip in case["clips"].as_array().unwrap() {
+                cmd.arg("--audio").arg(fixture("../..").join(clip.as_str().unwrap()));
+            }
+            let out = cmd
+                .args(["--prompt", case["question"].as_str().unwrap(), "--temperature", "0", "--json"])
+                .args(["--max-new-tokens", &case["max_new_tokens"].to_string()])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(json["prompt_token_ids"], case["prompt_ids"], "{name}/{}", case["name"]);
+            assert_eq!(json["token_ids"], case["greedy_ids"], "{name}/{}", case["name"]);
+        }
+    }
+}
+
+#[test]
+fn bad_audio_is_a_one_line_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = dir.path().join("silent.wav");
+    let spec = hound::WavSpec { channels: 1, sample_rate: 16000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    let mut w = hound::WavWriter::create(&silent, spec).unwrap();
+    for _ in 0..16000 {
+        w.write_sample(0i16).unwrap();
+    }
+    w.finalize().unwrap();
+    let text = dir.path().join("notes.wav");
+    std::fs::write(&text, "this is not audio").unwrap();
+    let missing = dir.path().join("missing.mp3");
+    for path in [&silent, &text, &missing] {
+        let out = omni()
+            .args(["run", "--model"])
+            .arg(fixture("tiny-a"))
+            .arg("--audio")
+            .arg(path)
+            .args(["--prompt", "hi", "--temperature", "0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{} should fail", path.display());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(path.file_name().unwrap().to_str().unwrap()), "{stderr}");
+    }
+}

@@ -73,6 +73,9 @@ system user assistant tool function arguments name content role image audio vide
 """
 
 
+AUDIO_STEM_SCALE = 10.0
+
+
 def round_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).to(torch.float32)
 
@@ -298,6 +301,46 @@ TEXT_CASES = [
 ]
 
 
+# Audio prompts: the real speech clip made by make_audio_fixtures.py (espeak-ng) and synthetic
+# clips written here as 16-bit 16 kHz WAV, so the engine decodes exactly the samples the reference saw.
+AUDIO_PROMPTS = FIXTURES / "audio-prompts"
+SPEECH_CLIP = FIXTURES / "audio" / "speech_16k_s16.wav"
+AUDIO_CASES = [
+    ("speech", [("speech_16k_s16.wav", None)], "What does the speaker say?", 36),
+    ("two_clips", [("tone_0p6s.wav", 0.6), ("chirp_4p3s.wav", 4.3)], "Compare the two sounds.", 34),
+]
+
+
+def synth_clip(name: str, seconds: float) -> np.ndarray:
+    """Deterministic test sounds: a tone with harmonics, or a noisy chirp (16-bit exact)."""
+    n = int(round(seconds * 16000))
+    t = np.arange(n, dtype=np.float64) / 16000.0
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little"))
+    if name.startswith("tone"):
+        x = 0.4 * np.sin(2 * np.pi * 330 * t) + 0.15 * np.sin(2 * np.pi * 990 * t)
+    else:
+        f = 200 + 1800 * t / seconds
+        x = 0.3 * np.sin(2 * np.pi * np.cumsum(f) / 16000.0) + 0.05 * rng.standard_normal(n)
+    return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
+
+
+def audio_prompt_waves(clips) -> list:
+    import soundfile as sf
+    AUDIO_PROMPTS.mkdir(parents=True, exist_ok=True)
+    waves = []
+    for name, seconds in clips:
+        if seconds is None:
+            path = FIXTURES / "audio" / name
+        else:
+            path = AUDIO_PROMPTS / name
+            if not path.exists():
+                sf.write(str(path), synth_clip(name, seconds), 16000, subtype="PCM_16")
+        data, sr = sf.read(str(path), dtype="float32")
+        assert sr == 16000 and data.ndim == 1, f"{path}: expected 16 kHz mono"
+        waves.append(data)
+    return waves
+
+
 # ---------------------------------------------------------------------------------------------
 # Weights
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +369,11 @@ def init_weights(model: torch.nn.Module, seed: int, spec: dict) -> None:
         # Random Code2Wav is nearly silent (std ~1e-4, which 16-bit WAV rounds away): scale its last
         # conv so the reference waveform is audible and comparisons measure something.
         model.code2wav.decoder[-1].conv.weight.mul_(spec["code2wav"]["out_scale"])
+        # Random std-0.02 convs leave the AuT stem's output far below the sinusoidal positions, so
+        # the encoder would ignore the sound (0.03% change between two clips); x10 makes it ~50%.
+        tower = model.thinker.model.audio_tower
+        for conv in (tower.conv2d1, tower.conv2d2, tower.conv2d3, tower.conv_out):
+            conv.weight.mul_(AUDIO_STEM_SCALE)
         for p in model.parameters():
             p.copy_(round_bf16(p))
 
@@ -340,9 +388,15 @@ def write_json(path: Path, obj) -> None:
 
 def write_checkpoint(name: str, spec: dict) -> Path:
     out = FIXTURES / name
+    # Rewrite the checkpoint files; golden/ also holds other scripts' outputs (code2wav, talker), so
+    # only this script's own goldens are replaced there.
     if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+        for f in out.iterdir():
+            if f.is_file():
+                f.unlink()
+            elif f.name != "golden":
+                shutil.rmtree(f)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec["seed"])
 
     tok = build_tokenizer(spec["base_vocab"])
@@ -449,6 +503,53 @@ def thinker_text_golden(out: Path, model, processor) -> dict:
     return {"cases": cases}
 
 
+def thinker_audio_golden(out: Path, model, processor) -> dict:
+    """Audio in the prompt: mel features, encoder output, positions, prompt logits, greedy tokens."""
+    thinker = model.thinker
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    tensors, cases = {}, []
+    for case, clips, question, max_new in AUDIO_CASES:
+        waves = audio_prompt_waves(clips)
+        content = [{"type": "audio", "audio": name} for name, _ in clips] + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        enc = processor(text=text, audio=waves, return_tensors="pt")
+        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "input_features", "feature_attention_mask")}
+        with torch.no_grad():
+            audio_features = thinker.get_audio_features(
+                inputs["input_features"], inputs["feature_attention_mask"]).last_hidden_state
+            positions, _ = thinker.get_rope_index(
+                inputs["input_ids"], None, None, inputs["attention_mask"],
+                audio_seqlens=inputs["feature_attention_mask"].sum(-1))
+            logits = thinker(**inputs).logits[0]
+            gen = thinker.generate(**inputs, do_sample=False, max_new_tokens=max_new, eos_token_id=eos,
+                                   pad_token_id=eos[-1], output_scores=True, return_dict_in_generate=True)
+        prompt_len = inputs["input_ids"].shape[1]
+        new = gen.sequences[0, prompt_len:].tolist()
+        while new and new[-1] in eos:
+            new.pop()
+        assert len(new) >= 32, f"{out.name}/{case}: only {len(new)} tokens before eos"
+        margins = [float(torch.topk(sc[0].float(), 2).values.diff().abs()) for sc in gen.scores]
+        tail = min(16, prompt_len)
+        # The mel values themselves are proven by tests/fixtures/audio/mel_golden.safetensors; here the
+        # batch layout (frames, mask) and everything downstream.
+        tensors[f"{case}.input_features_shape"] = torch.tensor(list(inputs["input_features"].shape), dtype=torch.int64)
+        tensors[f"{case}.feature_attention_mask"] = inputs["feature_attention_mask"].to(torch.int64).contiguous()
+        tensors[f"{case}.audio_features"] = audio_features.float().contiguous()
+        tensors[f"{case}.position_ids"] = positions[:, 0, :].to(torch.int64).contiguous()
+        tensors[f"{case}.prompt_logits_tail"] = logits[-tail:].float().contiguous()
+        tensors[f"{case}.prompt_ids"] = inputs["input_ids"][0].to(torch.int64).contiguous()
+        tensors[f"{case}.greedy_ids"] = torch.tensor(new, dtype=torch.int64)
+        cases.append({"name": case, "messages": messages, "question": question,
+                      "clips": [str((FIXTURES / "audio" / n) if sec is None else (AUDIO_PROMPTS / n))
+                                .replace(str(ROOT) + "/", "") for n, sec in clips],
+                      "rendered": text, "prompt_ids": inputs["input_ids"][0].tolist(),
+                      "audio_token_counts": [int(x) for x in enc["num_audio_tokens"]] if "num_audio_tokens" in enc else None,
+                      "greedy_ids": new, "max_new_tokens": max_new, "min_top1_top2_margin": min(margins)})
+    save_file(tensors, out / "golden" / "thinker_audio.safetensors")
+    return {"cases": cases}
+
+
 def main() -> None:
     only = set(sys.argv[1:])
     summary = {}
@@ -457,12 +558,14 @@ def main() -> None:
             continue
         print(f"== {name}", flush=True)
         out = write_checkpoint(name, json.loads(json.dumps(spec)))
-        (out / "golden").mkdir()
+        (out / "golden").mkdir(exist_ok=True)
         model, processor = load_reference(out)
         golden = {"transformers": transformers.__version__, "torch": torch.__version__}
         golden["thinker_text"] = thinker_text_golden(out, model, processor)
+        golden["thinker_audio"] = thinker_audio_golden(out, model, processor)
         write_json(out / "golden" / "golden.json", golden)
-        summary[name] = {c["name"]: round(c["min_top1_top2_margin"], 4) for c in golden["thinker_text"]["cases"]}
+        summary[name] = {c["name"]: round(c["min_top1_top2_margin"], 4)
+                         for part in ("thinker_text", "thinker_audio") for c in golden[part]["cases"]}
     print(json.dumps({"min_top1_top2_margin": summary}, indent=2))
 
 

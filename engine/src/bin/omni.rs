@@ -13,7 +13,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use omni_engine::chat::{user_turn, ChatMessage};
-use omni_engine::generation::{generate_text, Sampler, StopRule};
+use omni_engine::generation::{generate_from_embeds, Sampler, StopRule};
+use omni_engine::gguf::model::GgufModelFiles;
+use omni_engine::gguf::quantize::QuantizeProgress;
 use omni_engine::pipeline::{LoadProgress, OmniModel};
 use omni_engine::tokenizer::TextStreamer;
 
@@ -28,6 +30,22 @@ struct Cli {
 enum Command {
     /// Answer one prompt with a checkpoint.
     Run(RunArgs),
+    /// Write GGUF files (thinker-, mmproj-, talker-<type>.gguf) from a safetensors checkpoint.
+    Quantize(QuantizeArgs),
+    /// Quality of GGUF files against their checkpoint: NMSE per stage, Thinker greedy top-1 agreement.
+    Eval(EvalArgs),
+    /// Write a random checkpoint with the real model's shapes, tensor by tensor (for size checks
+    /// and benchmarks).
+    #[command(hide = true)]
+    RandomCheckpoint(RandomCheckpointArgs),
+    /// Time a stage at the real model's shapes on random weights (see BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+        /// Where random real-shape weights are written once and reused.
+        #[arg(long, default_value = "target/omni-bench", global = true)]
+        cache: PathBuf,
+    },
     /// Run the whole pipeline on the bundled tiny model (random weights: the output is gibberish).
     Demo {
         /// Prompt for the demo.
@@ -36,15 +54,38 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Mel features + AuT encoder (32 layers, d_model 1280) on synthetic audio.
+    AudioEncoder {
+        /// Seconds of audio to encode.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+    },
+}
+
 #[derive(Args)]
 struct RunArgs {
-    /// Checkpoint directory (config.json, tokenizer.json, *.safetensors), or a hub id such as
-    /// Qwen/Qwen3-Omni-30B-A3B-Instruct (downloaded when the network allows).
-    #[arg(long)]
-    model: PathBuf,
+    /// Checkpoint directory (config.json, tokenizer.json, *.safetensors, or GGUF files from
+    /// `omni quantize`), or a hub id such as Qwen/Qwen3-Omni-30B-A3B-Instruct (downloaded when the
+    /// network allows).
+    #[arg(long, required_unless_present = "thinker")]
+    model: Option<PathBuf>,
+    /// A Thinker GGUF file (ours or llama.cpp's qwen3vlmoe), instead of the one in --model.
+    #[arg(long, value_name = "FILE")]
+    thinker: Option<PathBuf>,
+    /// A vision + audio GGUF file (mmproj), instead of the one in --model.
+    #[arg(long, value_name = "FILE")]
+    mmproj: Option<PathBuf>,
+    /// A Talker + Code2Wav GGUF file, instead of the one in --model.
+    #[arg(long, value_name = "FILE")]
+    talker: Option<PathBuf>,
     /// The user's text.
     #[arg(long)]
     prompt: String,
+    /// An audio file for the user turn (wav, flac, mp3, ogg, m4a; repeatable, in order).
+    #[arg(long = "audio", value_name = "FILE")]
+    audio: Vec<PathBuf>,
     /// A system message before the user turn.
     #[arg(long)]
     system: Option<String>,
@@ -103,7 +144,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(&args),
+        Command::Quantize(args) => quantize(&args),
+        Command::Eval(args) => eval(&args),
+        Command::RandomCheckpoint(args) => random_checkpoint(&args),
         Command::Demo { prompt } => demo(&prompt),
+        Command::Bench { what, cache } => bench(&what, &cache),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,8 +163,7 @@ fn run(args: &RunArgs) -> Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let dir = omni_engine::hub::resolve_model(&args.model)?;
-    let model = OmniModel::load(&dir, &mut BarProgress(None))?;
+    let model = load_model(args)?;
     report_unused(&model);
     let mut sampling = model.default_sampling();
     if let Some(t) = args.temperature {
@@ -146,23 +190,60 @@ fn run(args: &RunArgs) -> Result<()> {
     if let Some(system) = &args.system {
         messages.push(ChatMessage::text("system", system));
     }
-    messages.push(user_turn(&[], &[], &[], Some(&args.prompt)));
-    answer(&model, &messages, sampling, args.max_new_tokens, args.json)
+    let clips = load_audio_files(&args.audio)?;
+    let names: Vec<String> = args.audio.iter().map(|p| p.display().to_string()).collect();
+    messages.push(user_turn(&names, &[], &[], Some(&args.prompt)));
+    answer(&model, &messages, &clips, sampling, args.max_new_tokens, args.json)
+}
+
+/// Decodes every `--audio` file to 16 kHz mono, refusing silence.
+fn load_audio_files(paths: &[PathBuf]) -> Result<Vec<Vec<f32>>> {
+    let mut clips = Vec::with_capacity(paths.len());
+    for path in paths {
+        let decoded = omni_engine::audio::load_audio_16k_mono(path)?;
+        if decoded.is_silent() {
+            bail!("{}: the audio is silent (peak below -120 dBFS); nothing to hear", path.display());
+        }
+        eprintln!(
+            "audio {}: {:.2} s ({} Hz, {} channel(s))",
+            path.display(),
+            decoded.duration_secs,
+            decoded.source_sample_rate,
+            decoded.source_channels
+        );
+        clips.push(decoded.samples);
+    }
+    Ok(clips)
 }
 
 fn answer(
     model: &OmniModel,
     messages: &[ChatMessage],
+    clips: &[Vec<f32>],
     sampling: omni_engine::generation::SamplingParams,
     max_new_tokens: usize,
     as_json: bool,
 ) -> Result<()> {
-    let (_, prompt_ids) = model.render_prompt(messages)?;
+    let clip_refs: Vec<&[f32]> = clips.iter().map(Vec::as_slice).collect();
+    if !clip_refs.is_empty() {
+        let seconds: f64 = clip_refs.iter().map(|c| c.len() as f64 / 16000.0).sum();
+        eprintln!("encoding {seconds:.1} s of audio ...");
+    }
+    let encode_start = std::time::Instant::now();
+    let prompt = model.prepare(messages, &clip_refs)?;
+    if let Some(audio) = &prompt.audio {
+        eprintln!(
+            "audio encoded: {} tokens in {:.0} ms",
+            audio.per_clip.iter().sum::<usize>(),
+            encode_start.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    let prompt_ids = prompt.ids.clone();
     let stop = StopRule { eos_ids: model.eos_ids()?, max_new_tokens };
     let mut sampler = Sampler::new(sampling);
     let mut streamer = TextStreamer::new();
     let stdout = std::io::stdout();
-    let out = generate_text(&model.thinker, &prompt_ids, &mut sampler, &stop, |id| {
+    let out = generate_from_embeds(&model.thinker, &prompt_ids, &prompt.embeds, &prompt.positions, &mut sampler, &stop, |id| {
         if !as_json {
             if let Some(delta) = streamer.push(&model.tokenizer, id)? {
                 let mut lock = stdout.lock();
@@ -207,6 +288,19 @@ fn answer(
     Ok(())
 }
 
+fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
+    match what {
+        BenchWhat::AudioEncoder { seconds } => {
+            if !(*seconds > 0.0 && *seconds <= 3600.0) {
+                bail!("--seconds must be in (0, 3600]");
+            }
+            let r = omni_engine::bench::bench_audio_encoder(cache, *seconds)?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    }
+    Ok(())
+}
+
 fn report_unused(model: &OmniModel) {
     let groups = model.weights.unused_summary();
     if !groups.is_empty() {
@@ -237,5 +331,196 @@ fn demo(prompt: &str) -> Result<()> {
     let model = OmniModel::load(&dir, &mut BarProgress(None))?;
     eprintln!("prompt: {prompt}");
     let messages = vec![user_turn(&[], &[], &[], Some(prompt))];
-    answer(&model, &messages, omni_engine::generation::SamplingParams::greedy(), 32, false)
+    answer(&model, &messages, &[], omni_engine::generation::SamplingParams::greedy(), 32, false)
+}
+
+/// `--model` (safetensors or GGUF directory, hub id) and/or explicit GGUF files.
+fn load_model(args: &RunArgs) -> Result<OmniModel> {
+    let dir = args.model.as_deref().map(omni_engine::hub::resolve_model).transpose()?;
+    if args.thinker.is_some() || args.mmproj.is_some() || args.talker.is_some() {
+        let files = GgufModelFiles::with_overrides(
+            dir.as_deref(),
+            args.thinker.as_deref(),
+            args.mmproj.as_deref(),
+            args.talker.as_deref(),
+        )?;
+        return OmniModel::load_gguf(&files, &mut BarProgress(None));
+    }
+    let dir = dir.expect("clap requires --model without --thinker");
+    OmniModel::load(&dir, &mut BarProgress(None))
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// Safetensors checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Type of the weight matrices: q8_0, f16, bf16 or f32 (norms, biases, gates stay f32).
+    #[arg(long = "type", default_value = "q8_0")]
+    ty: String,
+    /// Type for the Thinker's matrices (default: --type).
+    #[arg(long)]
+    thinker_type: Option<String>,
+    /// Type for the vision encoder (default: --type).
+    #[arg(long)]
+    vision_type: Option<String>,
+    /// Type for the audio encoder (default: --type).
+    #[arg(long)]
+    audio_type: Option<String>,
+    /// Type for the Talker and code predictor (default: --type).
+    #[arg(long)]
+    talker_type: Option<String>,
+    /// Type for Code2Wav (default: --type).
+    #[arg(long)]
+    code2wav_type: Option<String>,
+    /// Only these files, comma-separated: thinker, mmproj, talker.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// A byte-count progress bar on stderr.
+struct BytesProgress(Option<ProgressBar>);
+
+impl QuantizeProgress for BytesProgress {
+    fn start(&mut self, file: &str, total: u64) {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {elapsed} (eta {eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(file.to_string());
+        self.0 = Some(bar);
+    }
+    fn advance(&mut self, written: u64) {
+        if let Some(b) = &self.0 {
+            b.set_position(written);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn quantize(args: &QuantizeArgs) -> Result<()> {
+    use omni_engine::gguf::quantize::{install_interrupt_handler, parse_type, QuantizeOptions};
+    use omni_engine::gguf::{Component, FileKind};
+    let mut opts = QuantizeOptions::new(&args.model, &args.out, parse_type(&args.ty)?);
+    for (c, t) in [
+        (Component::Thinker, &args.thinker_type),
+        (Component::Vision, &args.vision_type),
+        (Component::Audio, &args.audio_type),
+        (Component::Talker, &args.talker_type),
+        (Component::Code2Wav, &args.code2wav_type),
+    ] {
+        if let Some(t) = t {
+            opts.component_types.insert(c, parse_type(t)?);
+        }
+    }
+    for f in &args.only {
+        opts.files.push(match f.as_str() {
+            "thinker" => FileKind::Thinker,
+            "mmproj" => FileKind::Mmproj,
+            "talker" => FileKind::Talker,
+            other => bail!("--only: unknown file {other:?} (thinker, mmproj, talker)"),
+        });
+    }
+    install_interrupt_handler();
+    let written = omni_engine::gguf::quantize::quantize(&opts, &mut BytesProgress(None))?;
+    for w in &written {
+        let types: Vec<String> = w.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        eprintln!(
+            "{}: {:.1} MB, {} tensors ({})",
+            w.path.display(),
+            w.bytes as f64 / 1e6,
+            w.tensors,
+            types.join(", ")
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The safetensors checkpoint the GGUF files were made from (the f32 reference).
+    #[arg(long)]
+    model: PathBuf,
+    /// Directory of GGUF files.
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    thinker: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    mmproj: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    talker: Option<PathBuf>,
+    /// Tokens of greedy continuation per prompt (golden cases use their own).
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+}
+
+fn eval(args: &EvalArgs) -> Result<()> {
+    let files = GgufModelFiles::with_overrides(
+        args.gguf.as_deref(),
+        args.thinker.as_deref(),
+        args.mmproj.as_deref(),
+        args.talker.as_deref(),
+    )?;
+    let report = omni_engine::gguf::eval::evaluate(&args.model, &files, args.max_new_tokens)?;
+    for s in &report.stages {
+        eprintln!("{:<14} NMSE {:.3e}  ({})", s.stage, s.nmse, s.what);
+    }
+    let t = &report.thinker;
+    eprintln!(
+        "thinker top-1 agreement {:.2}% ({}/{} positions), greedy identical in {}/{} prompts",
+        100.0 * t.top1_agreement,
+        t.agreeing,
+        t.positions,
+        t.greedy_identical_cases,
+        t.cases.len()
+    );
+    for w in &report.weights {
+        eprintln!("weights {:<9} NMSE {:.3e} over {} tensors", w.component, w.nmse, w.tensors);
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+#[derive(Args)]
+struct RandomCheckpointArgs {
+    /// Output directory (config.json, tokenizer files, sharded bf16 safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// config.json to take the shapes from (default: the real Qwen3-Omni-30B-A3B-Instruct).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Keep only this many Thinker decoder layers (the real model has 48).
+    #[arg(long)]
+    thinker_layers: Option<usize>,
+    /// Keep only this many Talker decoder layers.
+    #[arg(long)]
+    talker_layers: Option<usize>,
+    /// Only these components, comma-separated (thinker, vision, audio, talker, code2wav).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn random_checkpoint(args: &RandomCheckpointArgs) -> Result<()> {
+    use omni_engine::gguf::random::{write_random_checkpoint, RandomCheckpointOptions};
+    let opts = RandomCheckpointOptions {
+        config: args.config.clone(),
+        thinker_layers: args.thinker_layers,
+        talker_layers: args.talker_layers,
+        only: args.only.clone(),
+        seed: args.seed,
+    };
+    let summary = write_random_checkpoint(&args.out, &opts, &mut BytesProgress(None))?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
 }

@@ -14,7 +14,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
 use crate::config::TextConfig;
-use crate::nn::{Linear, RmsNorm};
+use crate::nn::{Embedding, Linear, RmsNorm};
 use crate::weights::Weights;
 use moe::{DenseMlp, FeedForward, SparseMoe};
 use rope::{apply_rotary, MultimodalRope};
@@ -183,7 +183,7 @@ pub struct ThinkerStep {
 #[derive(Debug, Clone)]
 pub struct ThinkerText {
     cfg: TextConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -201,7 +201,7 @@ impl ThinkerText {
     pub fn new_with_progress(cfg: &TextConfig, thinker: &Weights, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let model = thinker.pp("model");
-        let embed_tokens = model.get(&[v, h], "embed_tokens.weight")?;
+        let embed_tokens = Embedding::load(&model.pp("embed_tokens"), v, h)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             layers.push(DecoderLayer::new(cfg, &model.pp("layers").pp(l), l)?);
@@ -211,7 +211,7 @@ impl ThinkerText {
         let lm_head = if thinker.contains("lm_head.weight") || !cfg.tie_word_embeddings {
             Linear::load(&thinker.pp("lm_head"), h, v, false)?
         } else {
-            Linear::new(embed_tokens.clone(), None)
+            embed_tokens.as_linear()?
         };
         let rope_cfg = cfg.rope()?;
         let rope = MultimodalRope::new(cfg.head_dim(), rope_cfg.theta, &rope_cfg.mrope_section)?;
@@ -245,7 +245,7 @@ impl ThinkerText {
             bail!("token id {bad} is outside the Thinker vocabulary of {vocab}");
         }
         let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;
-        Ok(self.embed_tokens.index_select(&idx, 0)?.unsqueeze(0)?)
+        Ok(self.embed_tokens.forward(&idx)?.unsqueeze(0)?)
     }
 
     /// Runs the decoder on `embeds [1, t, hidden]` at `positions` (three streams of length t),

@@ -4,13 +4,15 @@
 //! `Qwen3OmniMoeThinkerTextExperts` and `Qwen3OmniMoeThinkerTextMLP`. The router takes a softmax over
 //! all experts in f32, keeps the top k, and renormalises them when `norm_topk_prob`. Experts are
 //! stacked in 3-D tensors (`gate_up [E, 2I, H]`, `down [E, H, I]`) as transformers and llama.cpp keep
-//! them; the checkpoint stores them one expert at a time.
+//! them; the checkpoint stores them one expert at a time. From a quantized GGUF file the experts stay
+//! in llama.cpp's stacked `ffn_{gate,up,down}_exps` tensors and each expert is a quantized matrix
+//! viewing its slot of the file map.
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 use crate::nn::{silu, Linear};
-use crate::weights::Weights;
+use crate::weights::{WeightMatrix, Weights};
 
 /// The routing decision for one token: expert indices and their weights, best first.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,36 +61,73 @@ impl DenseMlp {
     }
 }
 
-/// Stacked experts: `gate_up [E, 2I, H]`, `down [E, H, I]`.
+/// Stacked experts: dense `gate_up [E, 2I, H]`, `down [E, H, I]`; or, when the weight source holds
+/// them quantized, one `gate`, `up`, `down` matrix per expert (views of the stacked GGUF tensors).
 #[derive(Debug, Clone)]
 pub struct StackedExperts {
-    gate_up: Tensor,
-    down: Tensor,
+    bank: ExpertBank,
     intermediate: usize,
+}
+
+#[derive(Debug, Clone)]
+enum ExpertBank {
+    Dense { gate_up: Tensor, down: Tensor },
+    Quantized(Vec<[Linear; 3]>),
 }
 
 impl StackedExperts {
     /// Reads `{w}.{e}.gate_proj.weight`, `up_proj`, `down_proj` for every expert and stacks them.
     pub fn load(w: &Weights, num_experts: usize, hidden: usize, intermediate: usize) -> Result<Self> {
+        let first = w.pp(0).matrix(&[intermediate, hidden], "gate_proj.weight")?;
+        if let WeightMatrix::Quantized(_) = first {
+            let mut experts = Vec::with_capacity(num_experts);
+            let mut first = Some(first);
+            for e in 0..num_experts {
+                let ew = w.pp(e);
+                let gate = match first.take() {
+                    Some(m) => Linear::from_matrix(m, None)?,
+                    None => Linear::load(&ew.pp("gate_proj"), hidden, intermediate, false)?,
+                };
+                let up = Linear::load(&ew.pp("up_proj"), hidden, intermediate, false)?;
+                let down = Linear::load(&ew.pp("down_proj"), intermediate, hidden, false)?;
+                experts.push([gate, up, down]);
+            }
+            return Ok(Self { bank: ExpertBank::Quantized(experts), intermediate });
+        }
+        let WeightMatrix::Dense(first) = first else { unreachable!() };
+        let mut first = Some(first);
         let mut gate_up = Vec::with_capacity(num_experts);
         let mut down = Vec::with_capacity(num_experts);
         for e in 0..num_experts {
             let ew = w.pp(e);
-            let gate = ew.get(&[intermediate, hidden], "gate_proj.weight")?;
+            let gate = match first.take() {
+                Some(t) => t,
+                None => ew.get(&[intermediate, hidden], "gate_proj.weight")?,
+            };
             let up = ew.get(&[intermediate, hidden], "up_proj.weight")?;
             gate_up.push(Tensor::cat(&[&gate, &up], 0)?);
             down.push(ew.get(&[hidden, intermediate], "down_proj.weight")?);
         }
-        Ok(Self { gate_up: Tensor::stack(&gate_up, 0)?, down: Tensor::stack(&down, 0)?, intermediate })
+        let bank = ExpertBank::Dense { gate_up: Tensor::stack(&gate_up, 0)?, down: Tensor::stack(&down, 0)? };
+        Ok(Self { bank, intermediate })
     }
 
     /// Runs expert `e` on rows `x [n, H]`.
     pub fn expert_forward(&self, e: usize, x: &Tensor) -> Result<Tensor> {
-        let gu = x.matmul(&self.gate_up.get(e)?.t()?)?;
-        let gate = gu.narrow(1, 0, self.intermediate)?;
-        let up = gu.narrow(1, self.intermediate, self.intermediate)?;
-        let h = (silu(&gate)? * up)?;
-        Ok(h.matmul(&self.down.get(e)?.t()?)?)
+        match &self.bank {
+            ExpertBank::Dense { gate_up, down } => {
+                let gu = x.matmul(&gate_up.get(e)?.t()?)?;
+                let gate = gu.narrow(1, 0, self.intermediate)?;
+                let up = gu.narrow(1, self.intermediate, self.intermediate)?;
+                let h = (silu(&gate)? * up)?;
+                Ok(h.matmul(&down.get(e)?.t()?)?)
+            }
+            ExpertBank::Quantized(experts) => {
+                let [gate, up, down] = &experts[e];
+                let h = (silu(&gate.forward(x)?)? * up.forward(x)?)?;
+                down.forward(&h)
+            }
+        }
     }
 }
 

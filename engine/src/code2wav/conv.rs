@@ -1,0 +1,587 @@
+//! The convolutional parts of Code2Wav: causal (transposed) convolutions, SnakeBeta, the ConvNeXt
+//! upsampling block and the decoder blocks.
+//!
+//! Reference classes in transformers' `models/qwen3_omni_moe/modeling_qwen3_omni_moe.py`:
+//! `Qwen3OmniMoeCausalConvNet`, `Qwen3OmniMoeCausalTransConvNet`, `Qwen3OmniMoeConvNeXtBlock`,
+//! `Qwen3OmniMoeSnakeBeta`, `Qwen3OmniMoeCode2WavDecoderResidualUnit` and
+//! `Qwen3OmniMoeCode2WavDecoderBlock`. Every tensor here is `[batch, channels, time]`.
+//!
+//! Convolution arithmetic (all of it pure and unit-tested below):
+//! - a causal conv of effective kernel `k = (kernel - 1)·dilation + 1` and stride `s` pads `k - s`
+//!   zeros on the left and [`extra_padding`] on the right, so its output has `ceil(len / s)` samples
+//!   (`len` for the stride-1 convs of the model);
+//! - a causal transposed conv of kernel `k` and stride `s` produces `(len - 1)·s + k` samples and
+//!   trims `k - s` from *both* ends ([`trans_conv_len`]); with `k = 2s` (decoder blocks) that leaves
+//!   `(len - 1)·s`, one input step shorter than `len·s`.
+
+use anyhow::{bail, ensure, Result};
+use candle_core::{Tensor, D};
+
+use crate::nn::Linear;
+use crate::weights::Weights;
+
+/// Right padding of `Qwen3OmniMoeCausalConvNet._get_extra_padding_for_conv1d`: what completes the
+/// last stride window, `ceil(n_frames)·s + (k - padding) - s - len` with `padding = k - s`.
+pub fn extra_padding(len: usize, kernel_eff: usize, stride: usize) -> usize {
+    // n_frames = (len - k + padding) / s + 1 = len / s   (padding = k - s)
+    // ideal    = (ceil(n_frames) - 1)·s + (k - padding) = ceil(len / s)·s
+    debug_assert!(stride >= 1 && kernel_eff >= stride);
+    len.div_ceil(stride) * stride - len
+}
+
+/// Output length of a causal conv: the padded length `len + (k - s) + extra` through a valid conv.
+pub fn causal_conv_len(len: usize, kernel_eff: usize, stride: usize) -> usize {
+    let padded = len + (kernel_eff - stride) + extra_padding(len, kernel_eff, stride);
+    (padded - kernel_eff) / stride + 1
+}
+
+/// Output length of `Qwen3OmniMoeCausalTransConvNet`: `(len - 1)·s + k`, minus `k - s` on each side.
+/// `None` when nothing is left (`len` too short).
+pub fn trans_conv_len(len: usize, kernel: usize, stride: usize) -> Option<usize> {
+    let full = len.checked_sub(1)? * stride + kernel;
+    let trim = 2 * (kernel - stride);
+    full.checked_sub(trim).filter(|&n| n > 0)
+}
+
+/// `Qwen3OmniMoeCausalConvNet`: `nn.Conv1d` behind left (causal) zero padding.
+#[derive(Debug, Clone)]
+pub struct CausalConv1d {
+    /// `[out, in / groups, kernel]`, as stored.
+    weight: Tensor,
+    /// The same weight split per tap, `[out, in]` each (dense stride-1 convs only).
+    taps: Vec<Tensor>,
+    /// `[1, out, 1]`.
+    bias: Tensor,
+    kernel: usize,
+    dilation: usize,
+    stride: usize,
+    groups: usize,
+    in_channels: usize,
+    out_channels: usize,
+}
+
+impl CausalConv1d {
+    /// Loads `{w}.conv.weight` `[out, in/groups, kernel]` and `{w}.conv.bias` `[out]`.
+    pub fn new(
+        w: &Weights,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        dilation: usize,
+        stride: usize,
+        groups: usize,
+    ) -> Result<Self> {
+        ensure!(
+            kernel >= 1 && dilation >= 1 && stride >= 1 && groups >= 1,
+            "{}: invalid conv geometry",
+            w.prefix()
+        );
+        ensure!(
+            in_channels % groups == 0 && out_channels % groups == 0,
+            "{}: channels {in_channels}→{out_channels} not divisible by groups {groups}",
+            w.prefix()
+        );
+        let w = w.pp("conv");
+        let weight = w.get(&[out_channels, in_channels / groups, kernel], "weight")?;
+        let bias = w
+            .get(&[out_channels], "bias")?
+            .reshape((1, out_channels, 1))?;
+        let kernel_eff = (kernel - 1) * dilation + 1;
+        ensure!(
+            kernel_eff >= stride,
+            "{}: stride {stride} exceeds the kernel span {kernel_eff}",
+            w.prefix()
+        );
+        let taps = if groups == 1 && stride == 1 {
+            (0..kernel)
+                .map(|j| weight.narrow(2, j, 1)?.squeeze(2)?.contiguous())
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            weight,
+            taps,
+            bias,
+            kernel,
+            dilation,
+            stride,
+            groups,
+            in_channels,
+            out_channels,
+        })
+    }
+
+    /// `(kernel - 1)·dilation + 1`, the span the reference calls `kernel_size`.
+    pub fn kernel_eff(&self) -> usize {
+        (self.kernel - 1) * self.dilation + 1
+    }
+
+    /// Left padding, `kernel_eff - stride`.
+    pub fn left_padding(&self) -> usize {
+        self.kernel_eff() - self.stride
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, len) = x.dims3()?;
+        ensure!(
+            c == self.in_channels,
+            "causal conv expects {} channels, got {c}",
+            self.in_channels
+        );
+        // 1. Causal padding: [b, in, len] → [b, in, left + len + extra].
+        let extra = extra_padding(len, self.kernel_eff(), self.stride);
+        let xp = x.pad_with_zeros(D::Minus1, self.left_padding(), extra)?;
+        let out_len = causal_conv_len(len, self.kernel_eff(), self.stride);
+        // 2. The convolution: [b, out, out_len].
+        let y = if self.groups == self.in_channels
+            && self.in_channels == self.out_channels
+            && self.stride == 1
+        {
+            // Depthwise (the ConvNeXt dwconv): one multiply-add per tap over all channels.
+            let mut acc: Option<Tensor> = None;
+            for j in 0..self.kernel {
+                let wj = self.weight.narrow(2, j, 1)?.reshape((1, c, 1))?;
+                let term = xp
+                    .narrow(2, j * self.dilation, out_len)?
+                    .broadcast_mul(&wj)?;
+                acc = Some(match acc {
+                    None => term,
+                    Some(a) => (a + term)?,
+                });
+            }
+            acc.expect("kernel >= 1")
+        } else if !self.taps.is_empty() {
+            // Dense, stride 1: Σ_j W_j [out, in] · x[:, j·d .. j·d + out_len] (no im2col buffer).
+            let mut per_batch = Vec::with_capacity(b);
+            for bi in 0..b {
+                let xb = xp.get(bi)?;
+                let mut acc: Option<Tensor> = None;
+                for (j, wj) in self.taps.iter().enumerate() {
+                    let term = wj.matmul(&xb.narrow(1, j * self.dilation, out_len)?)?;
+                    acc = Some(match acc {
+                        None => term,
+                        Some(a) => (a + term)?,
+                    });
+                }
+                per_batch.push(acc.expect("kernel >= 1"));
+            }
+            Tensor::stack(&per_batch, 0)?
+        } else {
+            xp.contiguous()?
+                .conv1d(&self.weight, 0, self.stride, self.dilation, self.groups)?
+        };
+        // 3. Bias.
+        Ok(y.broadcast_add(&self.bias)?)
+    }
+}
+
+/// `Qwen3OmniMoeCausalTransConvNet`: `nn.ConvTranspose1d` with `kernel - stride` samples trimmed
+/// from both ends.
+#[derive(Debug, Clone)]
+pub struct CausalTransConv1d {
+    /// `[in, out, kernel]`, as stored.
+    weight: Tensor,
+    /// `[1, out, 1]`.
+    bias: Tensor,
+    kernel: usize,
+    stride: usize,
+}
+
+impl CausalTransConv1d {
+    /// Loads `{w}.conv.weight` `[in, out, kernel]` and `{w}.conv.bias` `[out]`.
+    pub fn new(
+        w: &Weights,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        ensure!(
+            stride >= 1 && kernel >= stride,
+            "{}: transposed conv needs kernel >= stride >= 1",
+            w.prefix()
+        );
+        let w = w.pp("conv");
+        let weight = w
+            .get(&[in_channels, out_channels, kernel], "weight")?
+            .contiguous()?;
+        let bias = w
+            .get(&[out_channels], "bias")?
+            .reshape((1, out_channels, 1))?;
+        Ok(Self {
+            weight,
+            bias,
+            kernel,
+            stride,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let len = x.dim(D::Minus1)?;
+        let Some(out_len) = trans_conv_len(len, self.kernel, self.stride) else {
+            bail!(
+                "transposed conv (kernel {}, stride {}) needs more than {len} input steps",
+                self.kernel,
+                self.stride
+            );
+        };
+        // 1. [b, in, len] → [b, out, (len - 1)·s + k].
+        let y = x
+            .contiguous()?
+            .conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?;
+        let y = y.broadcast_add(&self.bias)?;
+        // 2. Trim `k - s` on both sides: [b, out, out_len].
+        Ok(y.narrow(D::Minus1, self.kernel - self.stride, out_len)?)
+    }
+}
+
+/// `Qwen3OmniMoeSnakeBeta`: `x + 1/(exp(β) + 1e-9) · sin²(x · exp(α))`, per channel.
+#[derive(Debug, Clone)]
+pub struct SnakeBeta {
+    /// `exp(alpha)`, `[1, c, 1]`.
+    alpha: Tensor,
+    /// `1 / (exp(beta) + 1e-9)`, `[1, c, 1]`.
+    inv_beta: Tensor,
+}
+
+impl SnakeBeta {
+    /// Loads `{w}.alpha` and `{w}.beta` `[channels]` (stored in log scale).
+    pub fn new(w: &Weights, channels: usize) -> Result<Self> {
+        let alpha = w
+            .get(&[channels], "alpha")?
+            .exp()?
+            .reshape((1, channels, 1))?;
+        let beta = w
+            .get(&[channels], "beta")?
+            .exp()?
+            .reshape((1, channels, 1))?;
+        let inv_beta = (beta + 1e-9)?.recip()?;
+        Ok(Self { alpha, inv_beta })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.broadcast_mul(&self.alpha)?.sin()?.sqr()?;
+        Ok((x + s.broadcast_mul(&self.inv_beta)?)?)
+    }
+}
+
+/// `nn.LayerNorm` over the last dimension (biased variance), with weight and bias.
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&[dim], "weight")?,
+            bias: w.get(&[dim], "bias")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+/// `Qwen3OmniMoeConvNeXtBlock`: depthwise causal conv (kernel 7), LayerNorm, pointwise MLP with
+/// exact GELU, per-channel `gamma`, residual.
+#[derive(Debug, Clone)]
+pub struct ConvNeXtBlock {
+    dwconv: CausalConv1d,
+    norm: LayerNorm,
+    pwconv1: Linear,
+    pwconv2: Linear,
+    /// `[1, 1, dim]`.
+    gamma: Tensor,
+}
+
+impl ConvNeXtBlock {
+    pub fn new(w: &Weights, dim: usize) -> Result<Self> {
+        Ok(Self {
+            dwconv: CausalConv1d::new(&w.pp("dwconv"), dim, dim, 7, 1, 1, dim)?,
+            norm: LayerNorm::new(&w.pp("norm"), dim, 1e-6)?,
+            pwconv1: Linear::load(&w.pp("pwconv1"), dim, 4 * dim, true)?,
+            pwconv2: Linear::load(&w.pp("pwconv2"), 4 * dim, dim, true)?,
+            gamma: w.get(&[dim], "gamma")?.reshape((1, 1, dim))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // 1. Depthwise causal conv: [b, c, t].
+        let h = self.dwconv.forward(x)?;
+        // 2. Channels last, LayerNorm, MLP: [b, t, c] → [b, t, 4c] → [b, t, c].
+        let h = h.transpose(1, 2)?.contiguous()?;
+        let h = self.norm.forward(&h)?;
+        let h = self.pwconv1.forward(&h)?.gelu_erf()?;
+        let h = self.pwconv2.forward(&h)?;
+        // 3. Layer scale, back to [b, c, t], residual.
+        let h = h.broadcast_mul(&self.gamma)?.transpose(1, 2)?;
+        Ok((x + h)?)
+    }
+}
+
+/// `Qwen3OmniMoeCode2WavDecoderResidualUnit`: Snake → dilated causal conv (7) → Snake → conv (1), residual.
+#[derive(Debug, Clone)]
+pub struct ResidualUnit {
+    act1: SnakeBeta,
+    conv1: CausalConv1d,
+    act2: SnakeBeta,
+    conv2: CausalConv1d,
+}
+
+impl ResidualUnit {
+    pub fn new(w: &Weights, dim: usize, dilation: usize) -> Result<Self> {
+        Ok(Self {
+            act1: SnakeBeta::new(&w.pp("act1"), dim)?,
+            conv1: CausalConv1d::new(&w.pp("conv1"), dim, dim, 7, dilation, 1, 1)?,
+            act2: SnakeBeta::new(&w.pp("act2"), dim)?,
+            conv2: CausalConv1d::new(&w.pp("conv2"), dim, dim, 1, 1, 1, 1)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.act1.forward(x)?)?;
+        let h = self.conv2.forward(&self.act2.forward(&h)?)?;
+        Ok((h + x)?)
+    }
+}
+
+/// `Qwen3OmniMoeCode2WavDecoderBlock`: Snake, transposed conv (kernel `2r`, stride `r`) halving the
+/// channels, then residual units with dilations 1, 3, 9 (`block.0` … `block.4`).
+#[derive(Debug, Clone)]
+pub struct DecoderBlock {
+    snake: SnakeBeta,
+    upsample: CausalTransConv1d,
+    units: Vec<ResidualUnit>,
+}
+
+impl DecoderBlock {
+    pub fn new(w: &Weights, in_dim: usize, out_dim: usize, rate: usize) -> Result<Self> {
+        let w = w.pp("block");
+        let units = [1, 3, 9]
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| ResidualUnit::new(&w.pp(i + 2), out_dim, d))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            snake: SnakeBeta::new(&w.pp(0), in_dim)?,
+            upsample: CausalTransConv1d::new(&w.pp(1), in_dim, out_dim, 2 * rate, rate)?,
+            units,
+        })
+    }
+
+    /// `[b, in_dim, t]` → `[b, out_dim, (t - 1)·rate]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.upsample.forward(&self.snake.forward(x)?)?;
+        for unit in &self.units {
+            h = unit.forward(&h)?;
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn causal_padding_matches_the_reference_formula() {
+        // The reference's float arithmetic, transcribed.
+        fn reference(len: usize, k: usize, s: usize) -> usize {
+            let padding = (k - s) as f64;
+            let n_frames = (len as f64 - k as f64 + padding) / s as f64 + 1.0;
+            let ideal = (n_frames.ceil() - 1.0) * s as f64 + (k as f64 - padding);
+            (ideal - len as f64) as usize
+        }
+        for len in 1..40 {
+            for (k, s) in [(7, 1), (1, 1), (19, 1), (55, 1), (4, 2), (7, 3), (5, 5)] {
+                assert_eq!(
+                    extra_padding(len, k, s),
+                    reference(len, k, s),
+                    "len {len} k {k} s {s}"
+                );
+                assert_eq!(
+                    causal_conv_len(len, k, s),
+                    len.div_ceil(s),
+                    "len {len} k {k} s {s}"
+                );
+            }
+            // Stride 1 (every conv of the model): no right padding, length kept.
+            assert_eq!(extra_padding(len, 7, 1), 0);
+        }
+    }
+
+    #[test]
+    fn transposed_conv_trims_both_sides() {
+        // Upsampling blocks: kernel = stride = f, nothing trimmed.
+        assert_eq!(trans_conv_len(10, 2, 2), Some(20));
+        // Decoder blocks: kernel 2r, stride r → (len - 1)·r.
+        assert_eq!(trans_conv_len(4, 16, 8), Some(24));
+        assert_eq!(trans_conv_len(24, 10, 5), Some(115));
+        assert_eq!(trans_conv_len(1, 16, 8), None);
+        assert_eq!(trans_conv_len(0, 2, 2), None);
+    }
+
+    /// Naive direct convolution for checking the fast paths.
+    fn naive_conv(
+        x: &[Vec<f32>],
+        w: &[Vec<Vec<f32>>],
+        bias: &[f32],
+        dil: usize,
+        groups: usize,
+    ) -> Vec<Vec<f32>> {
+        let (c_in, len) = (x.len(), x[0].len());
+        let (c_out, k) = (w.len(), w[0][0].len());
+        let span = (k - 1) * dil + 1;
+        let (in_per, out_per) = (c_in / groups, c_out / groups);
+        (0..c_out)
+            .map(|o| {
+                let g = o / out_per;
+                (0..len)
+                    .map(|t| {
+                        let mut acc = bias[o];
+                        for ci in 0..in_per {
+                            for j in 0..k {
+                                // Input index with the causal left padding of span - 1.
+                                let idx = t as isize + (j * dil) as isize - (span - 1) as isize;
+                                if idx >= 0 {
+                                    acc += w[o][ci][j] * x[g * in_per + ci][idx as usize];
+                                }
+                            }
+                        }
+                        acc
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32
+                    / 500.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    fn conv_from(
+        weight: Vec<f32>,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        dil: usize,
+        groups: usize,
+    ) -> CausalConv1d {
+        let dev = Device::Cpu;
+        let wt = Tensor::from_vec(weight, (c_out, c_in / groups, k), &dev).unwrap();
+        let taps = if groups == 1 {
+            (0..k)
+                .map(|j| {
+                    wt.narrow(2, j, 1)
+                        .unwrap()
+                        .squeeze(2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        CausalConv1d {
+            weight: wt,
+            taps,
+            bias: Tensor::from_vec(pseudo(c_out, 9), (1, c_out, 1), &dev).unwrap(),
+            kernel: k,
+            dilation: dil,
+            stride: 1,
+            groups,
+            in_channels: c_in,
+            out_channels: c_out,
+        }
+    }
+
+    #[test]
+    fn causal_conv_paths_match_a_direct_convolution() {
+        let dev = Device::Cpu;
+        for (c_in, c_out, k, dil, groups) in [
+            (3, 5, 7, 3, 1),
+            (4, 4, 7, 1, 4),
+            (4, 2, 1, 1, 1),
+            (4, 6, 3, 2, 2),
+        ] {
+            let len = 23;
+            let xs = pseudo(c_in * len, 1);
+            let ws = pseudo(c_out * (c_in / groups) * k, 2);
+            let conv = conv_from(ws.clone(), c_in, c_out, k, dil, groups);
+            let x = Tensor::from_vec(xs.clone(), (1, c_in, len), &dev).unwrap();
+            let got = conv
+                .forward(&x)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let xv: Vec<Vec<f32>> = xs.chunks(len).map(|c| c.to_vec()).collect();
+            let wv: Vec<Vec<Vec<f32>>> = ws
+                .chunks((c_in / groups) * k)
+                .map(|o| o.chunks(k).map(|c| c.to_vec()).collect())
+                .collect();
+            let want = naive_conv(&xv, &wv, &pseudo(c_out, 9), dil, groups);
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!(
+                    (g - w).abs() < 1e-4,
+                    "{c_in}->{c_out} k{k} d{dil} g{groups}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_conv_matches_a_direct_definition() {
+        let dev = Device::Cpu;
+        let (c_in, c_out, k, s, len) = (3, 2, 6, 3, 5);
+        let ws = pseudo(c_in * c_out * k, 3);
+        let xs = pseudo(c_in * len, 4);
+        let conv = CausalTransConv1d {
+            weight: Tensor::from_vec(ws.clone(), (c_in, c_out, k), &dev).unwrap(),
+            bias: Tensor::zeros((1, c_out, 1), candle_core::DType::F32, &dev).unwrap(),
+            kernel: k,
+            stride: s,
+        };
+        let got = conv
+            .forward(&Tensor::from_vec(xs.clone(), (1, c_in, len), &dev).unwrap())
+            .unwrap();
+        let got = got.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got[0].len(), (len - 1) * s);
+        for (o, row) in got.iter().enumerate() {
+            for (m, v) in row.iter().enumerate() {
+                // y[n] = Σ_i Σ_c x[c][i] · w[c][o][n - i·s], at n = m + (k - s).
+                let n = m + k - s;
+                let mut want = 0f32;
+                for c in 0..c_in {
+                    for i in 0..len {
+                        if n >= i * s && n - i * s < k {
+                            want += xs[c * len + i] * ws[(c * c_out + o) * k + n - i * s];
+                        }
+                    }
+                }
+                assert!((v - want).abs() < 1e-4, "out {o} t {m}: {v} vs {want}");
+            }
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Streaming Code2Wav: audio for codec frames as they arrive, in small chunks with left context.
+//!
+//! Like the reference's `Qwen3OmniMoeCode2Wav.chunked_decode`, each chunk of new frames is decoded
+//! together with up to `left_context` frames before it, and the audio of the context is dropped.
+//! Unlike it, the cut is placed where the previous chunk's audio ended (`lag` samples before the
+//! context's end, see [`Code2Wav::lag_samples`]) rather than at the context's end, so no samples go
+//! missing: after [`finish`](StreamingCode2Wav::finish) the stream has exactly the length of
+//! [`Code2Wav::decode`], and differs from it only where the truncated left context reaches (the
+//! sliding-window attention and the conv receptive fields).
+
+use anyhow::{ensure, Result};
+
+use super::{Code2Wav, CodecFrames};
+
+/// Chunking of a [`StreamingCode2Wav`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamingOptions {
+    /// New frames per decode (80 ms each): the latency step. Default 12 (0.96 s).
+    pub chunk_frames: usize,
+    /// Already-decoded frames re-decoded before each chunk, whose audio is dropped. Default 25 (2 s),
+    /// as the reference's `chunked_decode`. At least one frame (the `lag` samples come from it).
+    pub left_context: usize,
+}
+
+impl Default for StreamingOptions {
+    fn default() -> Self {
+        Self {
+            chunk_frames: 12,
+            left_context: 25,
+        }
+    }
+}
+
+/// Incremental decoder: [`push`](Self::push) frames, collect the audio it returns, then
+/// [`finish`](Self::finish) for the rest.
+#[derive(Debug)]
+pub struct StreamingCode2Wav<'a> {
+    model: &'a Code2Wav,
+    opts: StreamingOptions,
+    clamp: bool,
+    /// The last `left_context` decoded frames followed by the pending (not yet decoded) ones.
+    window: Vec<Vec<u32>>,
+    /// Absolute index of `window[0]`.
+    window_start: usize,
+    /// Frames received.
+    received: usize,
+    /// Frames whose audio has been emitted (up to the `lag` tail).
+    decoded: usize,
+    /// Samples emitted.
+    emitted: usize,
+}
+
+impl<'a> StreamingCode2Wav<'a> {
+    pub fn new(model: &'a Code2Wav, opts: StreamingOptions) -> Result<Self> {
+        ensure!(
+            opts.chunk_frames > 0,
+            "streaming Code2Wav: chunk_frames must be positive"
+        );
+        let (spf, lag) = (model.samples_per_frame(), model.lag_samples());
+        let min_context = lag.div_ceil(spf).max(1);
+        ensure!(
+            opts.left_context >= min_context,
+            "streaming Code2Wav: left_context must be at least {min_context} frame(s), got {}",
+            opts.left_context
+        );
+        Ok(Self {
+            model,
+            opts,
+            clamp: true,
+            window: Vec::new(),
+            window_start: 0,
+            received: 0,
+            decoded: 0,
+            emitted: 0,
+        })
+    }
+
+    /// Emit the waveform before the final `clamp(-1, 1)` (diagnostics and tests).
+    pub fn without_clamp(mut self) -> Self {
+        self.clamp = false;
+        self
+    }
+
+    pub fn options(&self) -> StreamingOptions {
+        self.opts
+    }
+
+    pub fn frames_received(&self) -> usize {
+        self.received
+    }
+
+    pub fn samples_emitted(&self) -> usize {
+        self.emitted
+    }
+
+    /// Frames received but not yet decoded.
+    pub fn pending_frames(&self) -> usize {
+        self.received - self.decoded
+    }
+
+    /// Adds one frame; returns the audio of a completed chunk, or nothing yet.
+    pub fn push(&mut self, frame: Vec<u32>) -> Result<Vec<f32>> {
+        CodecFrames::validate_frame(
+            self.received,
+            &frame,
+            self.model.num_quantizers(),
+            self.model.codebook_size(),
+        )?;
+        self.window.push(frame);
+        self.received += 1;
+        if self.pending_frames() >= self.opts.chunk_frames {
+            self.decode_pending()
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Adds several frames; returns the audio of every chunk they complete.
+    pub fn push_frames(&mut self, frames: &CodecFrames) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for frame in &frames.frames {
+            out.extend(self.push(frame.clone())?);
+        }
+        Ok(out)
+    }
+
+    /// Decodes the frames still pending (fewer than a chunk) and ends the stream.
+    pub fn finish(mut self) -> Result<Vec<f32>> {
+        if self.pending_frames() > 0 {
+            self.decode_pending()
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Decodes `[decoded - context, received)` and returns the samples after those already emitted.
+    fn decode_pending(&mut self) -> Result<Vec<f32>> {
+        let spf = self.model.samples_per_frame();
+        // 1. The window: up to `left_context` decoded frames, then the pending ones.
+        let first = self.decoded.saturating_sub(self.opts.left_context);
+        debug_assert!(first >= self.window_start);
+        let wave = self
+            .model
+            .waveform(&self.window[first - self.window_start..], self.clamp)?;
+        // 2. Skip what was emitted: the window's audio starts at absolute sample first·spf.
+        let skip = self.emitted - first * spf;
+        ensure!(
+            skip <= wave.len(),
+            "streaming Code2Wav: window too short ({} < {skip} samples)",
+            wave.len()
+        );
+        let out = wave[skip..].to_vec();
+        self.emitted += out.len();
+        self.decoded = self.received;
+        // 3. Keep only the next chunk's left context.
+        let keep_from = self.decoded.saturating_sub(self.opts.left_context);
+        self.window.drain(..keep_from - self.window_start);
+        self.window_start = keep_from;
+        Ok(out)
+    }
+}

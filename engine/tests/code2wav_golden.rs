@@ -1,0 +1,342 @@
+//! Code2Wav against transformers: `forward` and `chunked_decode` waveforms of the tiny checkpoints
+//! (fixtures from `tests/golden/make_code2wav_fixtures.py`), the streaming decoder against the
+//! non-streaming one, and bad codes.
+//!
+//! The goldens are the reference waveforms *before* the final `clamp(-1, 1)` (the reference output
+//! is their clamp, bit for bit), subsampled by `stride` for long cases. The tiny checkpoints' last
+//! conv is scaled up, which leaves tiny-a's waveform almost entirely below -1 (clamped output
+//! constant) and both with a large DC offset, so besides the plain SNR of the clamped output we check
+//! the SNR of the raw waveform with the reference's mean removed ("AC SNR"), which sees every error.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use omni_engine::code2wav::{Code2Wav, CodecFrames, CodecFramesError, StreamingOptions};
+use omni_engine::config::OmniConfig;
+use omni_engine::weights::WeightStore;
+use serde::Deserialize;
+
+use common::{fixture, TINY_MODELS};
+
+#[derive(Deserialize)]
+struct Golden {
+    samples_per_frame: usize,
+    outputs: Vec<Output>,
+}
+
+#[derive(Deserialize)]
+struct Output {
+    key: String,
+    codes: String,
+    frames: usize,
+    kind: String,
+    chunk_size: Option<usize>,
+    left_context: Option<usize>,
+    stride: usize,
+    num_samples: usize,
+}
+
+fn load_model(dir: &Path) -> Code2Wav {
+    let cfg = OmniConfig::from_file(&dir.join("config.json")).unwrap();
+    let c2w_cfg = cfg
+        .code2wav_config
+        .expect("tiny checkpoints have a code2wav_config");
+    let store = WeightStore::open(dir).unwrap();
+    let model = Code2Wav::new(&c2w_cfg, &store.root().pp("code2wav")).unwrap();
+    store.ensure_all_used("code2wav.").unwrap();
+    model
+}
+
+struct Fixture {
+    model: Code2Wav,
+    golden: Golden,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Fixture {
+    fn load(name: &'static str) -> Self {
+        let dir = fixture(name);
+        let golden: Golden = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("golden/code2wav.json")).unwrap(),
+        )
+        .unwrap();
+        let tensors =
+            candle_core::safetensors::load(dir.join("golden/code2wav.safetensors"), &Device::Cpu)
+                .unwrap();
+        Self {
+            model: load_model(&dir),
+            golden,
+            tensors,
+        }
+    }
+
+    fn codes(&self, key: &str) -> CodecFrames {
+        let rows: Vec<Vec<u32>> = self.tensors[key]
+            .to_vec2::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| u32::try_from(x).unwrap()).collect())
+            .collect();
+        CodecFrames::from_codebook_major(&rows).unwrap()
+    }
+
+    fn raw(&self, key: &str) -> Vec<f32> {
+        self.tensors[key].to_vec1::<f32>().unwrap()
+    }
+}
+
+/// `10·log10(Σref² / Σ(ours - ref)²)`; infinite when equal.
+fn snr_db(ours: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(ours.len(), reference.len(), "length mismatch");
+    let signal: f64 = reference.iter().map(|&r| (r as f64).powi(2)).sum();
+    let noise: f64 = ours
+        .iter()
+        .zip(reference)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    10.0 * (signal / noise).log10()
+}
+
+/// [`snr_db`] after removing the reference's mean from both signals.
+fn ac_snr_db(ours: &[f32], reference: &[f32]) -> f64 {
+    let mean = reference.iter().map(|&r| r as f64).sum::<f64>() / reference.len() as f64;
+    let centre = |v: &[f32]| {
+        v.iter()
+            .map(|&x| (x as f64 - mean) as f32)
+            .collect::<Vec<_>>()
+    };
+    snr_db(&centre(ours), &centre(reference))
+}
+
+fn every(v: &[f32], stride: usize) -> Vec<f32> {
+    v.iter().step_by(stride).copied().collect()
+}
+
+fn clamp(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| x.clamp(-1.0, 1.0)).collect()
+}
+
+#[test]
+fn forward_and_chunked_decode_match_the_reference() {
+    for name in TINY_MODELS {
+        let fx = Fixture::load(name);
+        assert_eq!(fx.model.samples_per_frame(), fx.golden.samples_per_frame);
+        assert_eq!(fx.model.sample_rate(), 24000);
+        let mut worst = f64::INFINITY;
+        for out in &fx.golden.outputs {
+            let codes = fx.codes(&out.codes);
+            assert_eq!(codes.len(), out.frames);
+            let want_raw = fx.raw(&out.key);
+            let want = clamp(&want_raw);
+            let (raw, wav) = match out.kind.as_str() {
+                "forward" => {
+                    assert_eq!(
+                        fx.model.output_len(out.frames),
+                        Some(out.num_samples),
+                        "{name}/{}",
+                        out.key
+                    );
+                    (
+                        fx.model.decode_unclamped(&codes).unwrap(),
+                        fx.model.decode(&codes).unwrap(),
+                    )
+                }
+                "chunked" => {
+                    let (chunk, context) = (out.chunk_size.unwrap(), out.left_context.unwrap());
+                    (
+                        fx.model
+                            .chunked_decode_unclamped(&codes, chunk, context)
+                            .unwrap(),
+                        fx.model.chunked_decode(&codes, chunk, context).unwrap(),
+                    )
+                }
+                other => panic!("unknown golden kind {other}"),
+            };
+            assert_eq!(
+                raw.len(),
+                out.num_samples,
+                "{name}/{}: waveform length",
+                out.key
+            );
+            assert_eq!(
+                wav.len(),
+                out.num_samples,
+                "{name}/{}: waveform length",
+                out.key
+            );
+            let (raw, wav) = (every(&raw, out.stride), every(&wav, out.stride));
+            let snr = snr_db(&wav, &want);
+            let raw_snr = snr_db(&raw, &want_raw);
+            let ac = ac_snr_db(&raw, &want_raw);
+            eprintln!(
+                "{name}/{}: SNR {snr:.1} dB (clamped), {raw_snr:.1} dB (raw), {ac:.1} dB (raw, AC)",
+                out.key
+            );
+            assert!(snr > 40.0, "{name}/{}: SNR {snr:.1} dB <= 40", out.key);
+            assert!(
+                raw_snr > 40.0,
+                "{name}/{}: raw SNR {raw_snr:.1} dB <= 40",
+                out.key
+            );
+            assert!(ac > 40.0, "{name}/{}: AC SNR {ac:.1} dB <= 40", out.key);
+            worst = worst.min(ac);
+
+            // Up to 300 frames the reference's default chunked_decode is one forward call.
+            if out.kind == "forward" && out.frames <= 300 {
+                let chunked = fx.model.chunked_decode(&codes, 300, 25).unwrap();
+                assert_eq!(chunked.len(), out.num_samples);
+                let snr = snr_db(&every(&chunked, out.stride), &want);
+                assert!(
+                    snr > 40.0,
+                    "{name}/{}: chunked_decode(300, 25) SNR {snr:.1} dB <= 40",
+                    out.key
+                );
+            }
+        }
+        eprintln!("{name}: min AC SNR {worst:.1} dB");
+    }
+}
+
+#[test]
+fn streaming_is_close_to_decode() {
+    let settings = [(12, 25), (4, 25), (25, 25), (4, 8), (12, 4), (4, 1)];
+    for name in TINY_MODELS {
+        let fx = Fixture::load(name);
+        let model = &fx.model;
+        let spf = model.samples_per_frame();
+        let codes = fx.codes("f330.codes");
+        let codes = CodecFrames::new(codes.frames[..120].to_vec());
+        let full = model.decode(&codes).unwrap();
+        let full_raw = model.decode_unclamped(&codes).unwrap();
+        for (chunk_frames, left_context) in settings {
+            let opts = StreamingOptions {
+                chunk_frames,
+                left_context,
+            };
+            // Frame by frame: audio arrives exactly when a chunk completes, gapless.
+            let mut stream = model.streaming(opts).unwrap().without_clamp();
+            let mut raw = Vec::new();
+            for (i, frame) in codes.frames.iter().enumerate() {
+                let audio = stream.push(frame.clone()).unwrap();
+                if (i + 1) % chunk_frames == 0 {
+                    assert_eq!(raw.len() + audio.len(), (i + 1) * spf - model.lag_samples());
+                } else {
+                    assert!(audio.is_empty());
+                }
+                raw.extend(audio);
+            }
+            raw.extend(stream.finish().unwrap());
+            assert_eq!(raw.len(), full_raw.len(), "{name}: streamed length");
+            // All at once through push_frames, clamped.
+            let mut stream = model.streaming(opts).unwrap();
+            let mut wav = stream.push_frames(&codes).unwrap();
+            wav.extend(stream.finish().unwrap());
+            assert_eq!(wav.len(), full.len());
+            assert_eq!(wav, clamp(&raw), "{name}: push and push_frames differ");
+
+            let snr = snr_db(&wav, &full);
+            let ac = ac_snr_db(&raw, &full_raw);
+            eprintln!(
+                "{name}: streaming chunk {chunk_frames} context {left_context}: SNR {snr:.1} dB (clamped), \
+                 {ac:.1} dB (raw, AC) vs decode"
+            );
+            if opts == StreamingOptions::default() {
+                assert!(
+                    snr > 30.0,
+                    "{name}: default streaming SNR {snr:.1} dB <= 30"
+                );
+                assert!(
+                    ac > 30.0,
+                    "{name}: default streaming AC SNR {ac:.1} dB <= 30"
+                );
+            }
+            // The first chunk has no context to lose: it is decode's prefix.
+            let first = chunk_frames * spf - model.lag_samples();
+            let head = snr_db(&raw[..first], &full_raw[..first]);
+            assert!(head > 60.0, "{name}: first streamed chunk SNR {head:.1} dB");
+        }
+    }
+}
+
+#[test]
+fn bad_codes_are_errors() {
+    let fx = Fixture::load("tiny-a");
+    let model = &fx.model;
+    let (q, cb) = (model.num_quantizers(), model.codebook_size());
+    let good = fx.codes("f7.codes");
+    let kind = |e: anyhow::Error| {
+        e.downcast::<CodecFramesError>()
+            .expect("a CodecFramesError")
+    };
+
+    let mut out_of_range = good.clone();
+    out_of_range.frames[3][5] = cb as u32;
+    let want = CodecFramesError::IdOutOfRange {
+        frame: 3,
+        codebook: 5,
+        id: cb as u32,
+        codebook_size: cb,
+    };
+    assert_eq!(kind(model.decode(&out_of_range).unwrap_err()), want);
+    assert_eq!(
+        kind(model.chunked_decode(&out_of_range, 300, 25).unwrap_err()),
+        want
+    );
+
+    for width in [q - 1, q + 1] {
+        let mut wrong = good.clone();
+        wrong.frames[2].resize(width, 0);
+        let want = CodecFramesError::Width {
+            frame: 2,
+            found: width,
+            expected: q,
+        };
+        assert_eq!(kind(model.decode(&wrong).unwrap_err()), want);
+        assert_eq!(kind(model.decode_unclamped(&wrong).unwrap_err()), want);
+    }
+
+    let empty = CodecFrames::default();
+    assert_eq!(
+        kind(model.decode(&empty).unwrap_err()),
+        CodecFramesError::Empty
+    );
+    assert_eq!(
+        kind(model.chunked_decode(&empty, 300, 25).unwrap_err()),
+        CodecFramesError::Empty
+    );
+    assert!(model.chunked_decode(&good, 0, 25).is_err());
+
+    let mut stream = model.streaming(StreamingOptions::default()).unwrap();
+    assert!(stream.push(vec![0; q + 1]).is_err());
+    assert!(stream.push(vec![u32::MAX; q]).is_err());
+    assert_eq!(stream.frames_received(), 0);
+    assert!(stream.finish().unwrap().is_empty());
+    assert!(model
+        .streaming(StreamingOptions {
+            chunk_frames: 0,
+            left_context: 25
+        })
+        .is_err());
+    assert!(model
+        .streaming(StreamingOptions {
+            chunk_frames: 4,
+            left_context: 0
+        })
+        .is_err());
+}
+
+#[test]
+#[ignore]
+fn zz_timing() {
+    let fx = Fixture::load("tiny-b");
+    let codes = fx.codes("f330.codes");
+    let c = CodecFrames::new(codes.frames[..29].to_vec());
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        let _ = fx.model.decode(&c).unwrap();
+    }
+    eprintln!("decode 29 frames: {:?}", t.elapsed() / 20);
+}
