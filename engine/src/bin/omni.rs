@@ -327,11 +327,20 @@ fn demo(prompt: &str) -> Result<()> {
     let dir = demo_model_dir()?;
     eprintln!("omni demo: the tiny bundled model in {} has RANDOM weights,", dir.display());
     eprintln!("so its answer is gibberish; it shows the pipeline working end to end.");
-    eprintln!("Stages today: chat template -> tokenizer -> Thinker (MoE, M-RoPE, KV cache) -> text.");
+    eprintln!("Stages: chat template -> tokenizer -> [audio: decode, log-mel, AuT encoder] -> Thinker (MoE, M-RoPE, KV cache) -> text.");
     let model = OmniModel::load(&dir, &mut BarProgress(None))?;
-    eprintln!("prompt: {prompt}");
+    eprintln!("\n1) text prompt: {prompt}");
     let messages = vec![user_turn(&[], &[], &[], Some(prompt))];
-    answer(&model, &messages, &[], omni_engine::generation::SamplingParams::greedy(), 32, false)
+    answer(&model, &messages, &[], omni_engine::generation::SamplingParams::greedy(), 32, false)?;
+    // Beside the model link (lexically: `assets/demo-model` is a symlink into tests/fixtures).
+    let sound = dir.parent().unwrap_or(Path::new(".")).join("sounds/speech.wav");
+    if sound.exists() {
+        eprintln!("\n2) audio prompt: {} + \"What does the speaker say?\"", sound.display());
+        let clips = load_audio_files(std::slice::from_ref(&sound))?;
+        let messages = vec![user_turn(&[sound.display().to_string()], &[], &[], Some("What does the speaker say?"))];
+        answer(&model, &messages, &clips, omni_engine::generation::SamplingParams::greedy(), 32, false)?;
+    }
+    Ok(())
 }
 
 /// `--model` (safetensors or GGUF directory, hub id) and/or explicit GGUF files.
