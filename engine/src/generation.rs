@@ -159,6 +159,8 @@ pub struct ThinkerOutput {
     pub prompt_ids: Vec<u32>,
     /// Generated ids, eos excluded.
     pub token_ids: Vec<u32>,
+    /// The eos id that ended generation, if one did.
+    pub stop_id: Option<u32>,
     pub finish: FinishReason,
     pub prefill_ms: f64,
     pub decode_ms: f64,
@@ -230,11 +232,13 @@ pub fn generate_from_embeds(
     let mut seen: Vec<u32> = prompt_ids.to_vec();
     let mut out = Vec::new();
     let mut finish = FinishReason::Length;
+    let mut stop_id = None;
     // 2. Decode one token a step.
     while out.len() < stop.max_new_tokens {
         let id = sampler.sample(&mut logits, &seen);
         if stop.eos_ids.contains(&id) {
             finish = FinishReason::Eos;
+            stop_id = Some(id);
             break;
         }
         out.push(id);
@@ -253,6 +257,7 @@ pub fn generate_from_embeds(
     Ok(ThinkerOutput {
         prompt_ids: prompt_ids.to_vec(),
         token_ids: out,
+        stop_id,
         finish,
         prefill_ms,
         decode_ms: decode_start.elapsed().as_secs_f64() * 1e3,

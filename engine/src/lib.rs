@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod hub;
 pub mod nn;
 pub mod pipeline;
+pub mod speech;
 pub mod talker;
 pub mod thinker;
 pub mod tokenizer;

@@ -117,3 +117,98 @@ fn bad_audio_is_a_one_line_error_naming_the_file() {
         assert!(errors[0].contains(path.file_name().unwrap().to_str().unwrap()), "{stderr}");
     }
 }
+
+#[test]
+fn speech_out_gives_the_reference_codes_and_a_valid_wav() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in TINY_MODELS {
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden/golden.json")).unwrap()).unwrap();
+        let talker: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden/talker.json")).unwrap()).unwrap();
+        for case in talker["cases"].as_array().unwrap() {
+            if case["thinker_eos"] != json_eos(name) {
+                continue; // a case with a custom Thinker eos the CLI does not expose
+            }
+            let prompt_name = case["prompt"].as_str().unwrap();
+            let mut cmd = omni();
+            cmd.args(["run", "--model"]).arg(fixture(name));
+            if let Some(c) = find_case(&golden["thinker_text"]["cases"], prompt_name) {
+                let msgs = c["messages"].as_array().unwrap();
+                if msgs.len() > 2 {
+                    continue; // multi-turn history is not a CLI prompt
+                }
+                if msgs.len() == 2 {
+                    cmd.args(["--system", msgs[0]["content"][0]["text"].as_str().unwrap()]);
+                }
+                cmd.args(["--prompt", msgs.last().unwrap()["content"][0]["text"].as_str().unwrap()]);
+            } else {
+                let c = find_case(&golden["thinker_audio"]["cases"], prompt_name).unwrap();
+                for clip in c["clips"].as_array().unwrap() {
+                    cmd.arg("--audio").arg(fixture("../..").join(clip.as_str().unwrap()));
+                }
+                cmd.args(["--prompt", c["question"].as_str().unwrap()]);
+            }
+            let wav = dir.path().join(format!("{name}-{}.wav", case["name"].as_str().unwrap()));
+            let out = cmd
+                .args(["--temperature", "0", "--talker-temperature", "0", "--json"])
+                .args(["--max-new-tokens", &case["thinker_max_new_tokens"].to_string()])
+                .args(["--max-speech-frames", &case["talker_max_new_tokens"].to_string()])
+                .args(["--speaker", case["speaker"].as_str().unwrap(), "--speech-out"])
+                .arg(&wav)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(json["codes"], case["codes"], "{name}/{}: codes differ from the reference", case["name"]);
+            assert_eq!(json["sample_rate"], 24000);
+            let reader = hound::WavReader::open(&wav).unwrap();
+            let spec = reader.spec();
+            assert_eq!((spec.channels, spec.sample_rate, spec.bits_per_sample), (1, 24000, 16));
+            assert!(reader.len() > 0);
+        }
+    }
+}
+
+fn json_eos(name: &str) -> serde_json::Value {
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("generation_config.json")).unwrap()).unwrap();
+    g["eos_token_id"].clone()
+}
+
+fn find_case<'a>(cases: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    cases.as_array().unwrap().iter().find(|c| c["name"] == name)
+}
+
+#[test]
+fn speech_errors_are_clear() {
+    let model = fixture("tiny-a");
+    let out = omni()
+        .args(["run", "--model"])
+        .arg(&model)
+        .args(["--prompt", "hi", "--speech-out", "/tmp/omni-x.wav", "--speaker", "nobody"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("nobody") && stderr.contains("ethan"), "{stderr}");
+    // A checkpoint that cannot speak (Thinking/Captioner style).
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    cfg["enable_audio_output"] = serde_json::json!(false);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let out = omni()
+        .args(["run", "--model"])
+        .arg(dir.path())
+        .args(["--prompt", "hi", "--speech-out", "/tmp/omni-y.wav"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("cannot speak"), "{stderr}");
+}

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -86,6 +86,18 @@ struct RunArgs {
     /// An audio file for the user turn (wav, flac, mp3, ogg, m4a; repeatable, in order).
     #[arg(long = "audio", value_name = "FILE")]
     audio: Vec<PathBuf>,
+    /// Speak the answer into this WAV file (24 kHz mono 16-bit; written to a temp file, then renamed).
+    #[arg(long, value_name = "WAV")]
+    speech_out: Option<PathBuf>,
+    /// Voice of the spoken answer (from the checkpoint's talker_config.speaker_id; default ethan).
+    #[arg(long)]
+    speaker: Option<String>,
+    /// Talker sampling temperature; 0 makes the whole speech chain greedy. Default: the reference's 0.9.
+    #[arg(long, allow_negative_numbers = true)]
+    talker_temperature: Option<f64>,
+    /// Most codec frames (the Talker's max new tokens; 12.5 frames per second of speech).
+    #[arg(long, default_value_t = 4096)]
+    max_speech_frames: usize,
     /// A system message before the user turn.
     #[arg(long)]
     system: Option<String>,
@@ -193,7 +205,47 @@ fn run(args: &RunArgs) -> Result<()> {
     let clips = load_audio_files(&args.audio)?;
     let names: Vec<String> = args.audio.iter().map(|p| p.display().to_string()).collect();
     messages.push(user_turn(&names, &[], &[], Some(&args.prompt)));
-    answer(&model, &messages, &clips, sampling, args.max_new_tokens, args.json)
+    let speech = speech_request(&model, args)?;
+    answer(&model, &messages, &clips, sampling, args.max_new_tokens, args.json, speech.as_ref())
+}
+
+/// What `--speech-out` asks for, checked before anything is generated.
+struct SpeechRequest {
+    models: omni_engine::speech::SpeechModels,
+    out: PathBuf,
+    speaker: String,
+    params: omni_engine::talker::TalkerParams,
+}
+
+fn speech_request(model: &OmniModel, args: &RunArgs) -> Result<Option<SpeechRequest>> {
+    let Some(out) = &args.speech_out else {
+        if args.speaker.is_some() || args.talker_temperature.is_some() {
+            bail!("--speaker and --talker-temperature need --speech-out FILE");
+        }
+        return Ok(None);
+    };
+    if args.max_speech_frames == 0 {
+        bail!("--max-speech-frames must be at least 1");
+    }
+    let models = omni_engine::speech::SpeechModels::load(model)?;
+    let speaker = match &args.speaker {
+        Some(s) => s.clone(),
+        None => models.default_speaker().context("the checkpoint lists no speakers")?,
+    };
+    models.speaker_id(&speaker)?;
+    let params = match args.talker_temperature {
+        Some(t) if t == 0.0 => omni_engine::talker::TalkerParams::greedy(args.max_speech_frames),
+        t => {
+            let mut p = omni_engine::talker::TalkerParams::reference(args.seed);
+            if let Some(t) = t {
+                p.talker.temperature = t;
+            }
+            p.max_frames = args.max_speech_frames;
+            p.talker.validate().context("--talker-temperature")?;
+            p
+        }
+    };
+    Ok(Some(SpeechRequest { models, out: out.clone(), speaker, params }))
 }
 
 /// Decodes every `--audio` file to 16 kHz mono, refusing silence.
@@ -223,6 +275,7 @@ fn answer(
     sampling: omni_engine::generation::SamplingParams,
     max_new_tokens: usize,
     as_json: bool,
+    speech: Option<&SpeechRequest>,
 ) -> Result<()> {
     let clip_refs: Vec<&[f32]> = clips.iter().map(Vec::as_slice).collect();
     if !clip_refs.is_empty() {
@@ -255,6 +308,26 @@ fn answer(
     })?;
     let text = model.tokenizer.decode(&out.token_ids, true)?;
     let n = out.token_ids.len();
+    let spoken = match speech {
+        Some(req) => {
+            if !as_json {
+                eprintln!("speaking ({}) ...", req.speaker);
+            }
+            let start = std::time::Instant::now();
+            let answer =
+                req.models.speak(model, &prompt, &out, &stop.eos_ids, &req.speaker, &req.params, |_| Ok(true))?;
+            omni_engine::speech::write_wav(&req.out, &answer.audio, answer.sample_rate)?;
+            eprintln!(
+                "speech: {} frames, {:.2} s of audio in {:.0} ms -> {}",
+                answer.codes.len(),
+                answer.audio.len() as f64 / answer.sample_rate as f64,
+                start.elapsed().as_secs_f64() * 1e3,
+                req.out.display()
+            );
+            Some(answer)
+        }
+        None => None,
+    };
     let timings = json!({
         "load_ms": model.load_ms,
         "prefill_ms": out.prefill_ms,
@@ -263,13 +336,17 @@ fn answer(
         "decode_tokens_per_s": n.saturating_sub(1) as f64 / (out.decode_ms / 1e3).max(1e-9),
     });
     if as_json {
-        let obj = json!({
+        let mut obj = json!({
             "prompt_token_ids": out.prompt_ids,
             "token_ids": out.token_ids,
             "text": text,
             "finish_reason": out.finish,
             "timings": timings,
         });
+        if let Some(sp) = &spoken {
+            obj["codes"] = json!(sp.codes);
+            obj["sample_rate"] = json!(sp.sample_rate);
+        }
         println!("{}", serde_json::to_string(&obj)?);
     } else {
         if let Some(rest) = streamer.finish(&model.tokenizer)? {
@@ -331,14 +408,14 @@ fn demo(prompt: &str) -> Result<()> {
     let model = OmniModel::load(&dir, &mut BarProgress(None))?;
     eprintln!("\n1) text prompt: {prompt}");
     let messages = vec![user_turn(&[], &[], &[], Some(prompt))];
-    answer(&model, &messages, &[], omni_engine::generation::SamplingParams::greedy(), 32, false)?;
+    answer(&model, &messages, &[], omni_engine::generation::SamplingParams::greedy(), 32, false, None)?;
     // Beside the model link (lexically: `assets/demo-model` is a symlink into tests/fixtures).
     let sound = dir.parent().unwrap_or(Path::new(".")).join("sounds/speech.wav");
     if sound.exists() {
         eprintln!("\n2) audio prompt: {} + \"What does the speaker say?\"", sound.display());
         let clips = load_audio_files(std::slice::from_ref(&sound))?;
         let messages = vec![user_turn(&[sound.display().to_string()], &[], &[], Some("What does the speaker say?"))];
-        answer(&model, &messages, &clips, omni_engine::generation::SamplingParams::greedy(), 32, false)?;
+        answer(&model, &messages, &clips, omni_engine::generation::SamplingParams::greedy(), 32, false, None)?;
     }
     Ok(())
 }
