@@ -435,6 +435,7 @@ mod tests {
     }
 
     /// Naive direct convolution for checking the fast paths.
+    #[allow(clippy::needless_range_loop)]
     fn naive_conv(
         x: &[Vec<f32>],
         w: &[Vec<Vec<f32>>],

@@ -15,8 +15,9 @@
 //! Every layer is causal and the decoder blocks' transposed convs trim their overhang on both sides,
 //! so `n` frames yield `n·samples_per_frame - lag` samples ([`waveform_len`]; `lag` = 555 for rates
 //! 8, 5, 4, 3): the last `lag` samples of a frame need the next frame. Output sample `s` depends on
-//! frames at or before `s / samples_per_frame` only, which is what makes [streaming](streaming)
-//! with left context alone exact up to the receptive field.
+//! frames at or before `(s + lag) / samples_per_frame` only and never changes when frames are
+//! appended, which is what makes [streaming](streaming) with left context alone exact up to the
+//! receptive field (sliding-window attention, conv kernels) cut off by the context.
 //!
 //! [`Code2Wav::chunked_decode`] reproduces the reference's `chunked_decode` exactly, including its
 //! quirk: it concatenates chunk outputs after dropping `context·samples_per_frame` samples, so
