@@ -258,7 +258,7 @@ CONFIGS = {
         "code_predictor": {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 32, "intermediate": 128,
                            "vocab": 128},
         "code2wav": {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "decoder_dim": 64,
-                     "out_scale": 2000.0},
+                     "out_scale": 200.0},
     },
     # Different dims, layer counts, token ids, a dense layer, no top-k renormalisation, the
     # transformers-5 processor/template layout (processor_config.json + chat_template.jinja).
