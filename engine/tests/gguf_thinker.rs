@@ -37,7 +37,10 @@ struct Case {
 }
 
 fn golden(model: &str) -> Golden {
-    serde_json::from_str(&std::fs::read_to_string(fixture(model).join("golden/golden.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(fixture(model).join("golden/golden.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn quantized(model: &str, ty: GgmlType, files: &[FileKind]) -> tempfile::TempDir {
@@ -49,9 +52,20 @@ fn quantized(model: &str, ty: GgmlType, files: &[FileKind]) -> tempfile::TempDir
 }
 
 fn greedy(model: &OmniModel, case: &Case) -> Vec<u32> {
-    let stop = StopRule { eos_ids: model.eos_ids().unwrap(), max_new_tokens: case.max_new_tokens };
+    let stop = StopRule {
+        eos_ids: model.eos_ids().unwrap(),
+        max_new_tokens: case.max_new_tokens,
+    };
     let mut sampler = Sampler::new(SamplingParams::greedy());
-    generate_text(&model.thinker, &case.prompt_ids, &mut sampler, &stop, |_| Ok(true)).unwrap().token_ids
+    generate_text(
+        &model.thinker,
+        &case.prompt_ids,
+        &mut sampler,
+        &stop,
+        |_| Ok(true),
+    )
+    .unwrap()
+    .token_ids
 }
 
 #[test]
@@ -60,16 +74,36 @@ fn f32_gguf_is_token_identical_to_the_checkpoint() {
         let dir = quantized(name, GgmlType::F32, &[FileKind::Thinker]);
         let reference = OmniModel::load(&fixture(name), &mut NoProgress).unwrap();
         let model = OmniModel::load(dir.path(), &mut NoProgress).unwrap();
-        assert!(model.weights.gguf().is_some(), "{name}: the directory should load as GGUF");
-        assert_eq!(model.eos_ids().unwrap(), reference.eos_ids().unwrap(), "{name}: eos ids");
+        assert!(
+            model.weights.gguf().is_some(),
+            "{name}: the directory should load as GGUF"
+        );
+        assert_eq!(
+            model.eos_ids().unwrap(),
+            reference.eos_ids().unwrap(),
+            "{name}: eos ids"
+        );
         for case in golden(name).thinker_text.cases {
             // Template and tokenizer come from the GGUF metadata.
             let (_, ids) = model.render_prompt(&case.messages).unwrap();
-            assert_eq!(ids, case.prompt_ids, "{name}/{}: prompt ids from the GGUF tokenizer", case.name);
+            assert_eq!(
+                ids, case.prompt_ids,
+                "{name}/{}: prompt ids from the GGUF tokenizer",
+                case.name
+            );
             let ours = all_logits(&model.thinker, &case.prompt_ids).unwrap();
             let theirs = all_logits(&reference.thinker, &case.prompt_ids).unwrap();
-            assert!(ours == theirs, "{name}/{}: f32 GGUF logits differ from the safetensors ones", case.name);
-            assert_eq!(greedy(&model, &case), case.greedy_ids, "{name}/{}: greedy tokens", case.name);
+            assert!(
+                ours == theirs,
+                "{name}/{}: f32 GGUF logits differ from the safetensors ones",
+                case.name
+            );
+            assert_eq!(
+                greedy(&model, &case),
+                case.greedy_ids,
+                "{name}/{}: greedy tokens",
+                case.name
+            );
         }
     }
 }
@@ -83,14 +117,27 @@ fn q8_0_gguf_is_close_to_f32() {
         let model = OmniModel::load(dir.path(), &mut NoProgress).unwrap();
         // The big matrices really are quantized (mapped Q8_0 blocks).
         let f = GgufFile::open(&dir.path().join("thinker-q8_0.gguf")).unwrap();
-        assert_eq!(f.tensor("blk.0.attn_q.weight").unwrap().dtype, GgmlType::Q8_0);
-        assert_eq!(f.tensor("blk.0.attn_norm.weight").unwrap().dtype, GgmlType::F32);
-        assert_eq!(f.tensor("blk.0.ffn_gate_inp.weight").unwrap().dtype, GgmlType::F32);
+        assert_eq!(
+            f.tensor("blk.0.attn_q.weight").unwrap().dtype,
+            GgmlType::Q8_0
+        );
+        assert_eq!(
+            f.tensor("blk.0.attn_norm.weight").unwrap().dtype,
+            GgmlType::F32
+        );
+        assert_eq!(
+            f.tensor("blk.0.ffn_gate_inp.weight").unwrap().dtype,
+            GgmlType::F32
+        );
         let prompts: Vec<EvalPrompt> = golden(name)
             .thinker_text
             .cases
             .into_iter()
-            .map(|c| EvalPrompt { name: c.name, ids: c.prompt_ids, max_new_tokens: c.max_new_tokens })
+            .map(|c| EvalPrompt {
+                name: c.name,
+                ids: c.prompt_ids,
+                max_new_tokens: c.max_new_tokens,
+            })
             .collect();
         let a = thinker_agreement(&reference, &model, &prompts).unwrap();
         eprintln!(
@@ -104,20 +151,42 @@ fn q8_0_gguf_is_close_to_f32() {
             a.cases.len()
         );
         for c in &a.cases {
-            eprintln!("  {}: NMSE {:.2e}, disagreements (position, reference margin) {:?}", c.name, c.logits_nmse, c.disagreements);
+            eprintln!(
+                "  {}: NMSE {:.2e}, disagreements (position, reference margin) {:?}",
+                c.name, c.logits_nmse, c.disagreements
+            );
         }
-        assert!(a.logits_nmse < 1e-2, "{name}: Q8_0 logits NMSE {:.2e} >= 1e-2", a.logits_nmse);
+        assert!(
+            a.logits_nmse < 1e-2,
+            "{name}: Q8_0 logits NMSE {:.2e} >= 1e-2",
+            a.logits_nmse
+        );
         positions += a.positions;
         agreeing += a.agreeing;
-        all += a.cases.iter().map(|c| c.positions + c.prompt_tokens - 1).sum::<usize>();
-        all_agreeing += a.cases.iter().map(|c| c.agreeing + c.prompt_agreeing).sum::<usize>();
+        all += a
+            .cases
+            .iter()
+            .map(|c| c.positions + c.prompt_tokens - 1)
+            .sum::<usize>();
+        all_agreeing += a
+            .cases
+            .iter()
+            .map(|c| c.agreeing + c.prompt_agreeing)
+            .sum::<usize>();
     }
     let cont = agreeing as f64 / positions as f64;
     let every = all_agreeing as f64 / all as f64;
-    eprintln!("both fixtures: top-1 agreement {:.2}% on continuations, {:.2}% on all positions", 100.0 * cont, 100.0 * every);
+    eprintln!(
+        "both fixtures: top-1 agreement {:.2}% on continuations, {:.2}% on all positions",
+        100.0 * cont,
+        100.0 * every
+    );
     // The tiny random models are chaotic (a Q8_0 perturbation flips near-tied MoE routes); see
     // docs/gguf.md for the measured numbers. Guard against regressions well above chance.
-    assert!(every >= 0.97, "top-1 agreement over all positions {every:.4} < 0.97");
+    assert!(
+        every >= 0.97,
+        "top-1 agreement over all positions {every:.4} < 0.97"
+    );
 }
 
 /// The bf16 GGUF that llama.cpp's own converter (convert_hf_to_gguf.py of the llama-cpp-python
@@ -135,27 +204,51 @@ fn llama_cpp_converter_output_loads_with_golden_tokens() {
     let f = GgufFile::open(&path).unwrap();
     assert!(f.get("omni.config").is_none());
     let reference = OmniModel::load(&fixture("tiny-a"), &mut NoProgress).unwrap();
-    assert_eq!(model.thinker.config().num_hidden_layers, reference.thinker.config().num_hidden_layers);
+    assert_eq!(
+        model.thinker.config().num_hidden_layers,
+        reference.thinker.config().num_hidden_layers
+    );
     for case in golden("tiny-a").thinker_text.cases {
         let (_, ids) = model.render_prompt(&case.messages).unwrap();
-        assert_eq!(ids, case.prompt_ids, "{}: prompt ids from llama.cpp's tokenizer metadata", case.name);
+        assert_eq!(
+            ids, case.prompt_ids,
+            "{}: prompt ids from llama.cpp's tokenizer metadata",
+            case.name
+        );
         // llama.cpp's converter makes <|im_end|> the only eos; the golden cases stop on eos too.
-        assert_eq!(greedy(&model, &case), case.greedy_ids, "{}: greedy tokens from llama.cpp's file", case.name);
+        assert_eq!(
+            greedy(&model, &case),
+            case.greedy_ids,
+            "{}: greedy tokens from llama.cpp's file",
+            case.name
+        );
     }
 }
 
 #[test]
 fn explicit_paths_and_discovery_agree() {
-    let dir = quantized("tiny-a", GgmlType::Q8_0, &[FileKind::Thinker, FileKind::Mmproj]);
+    let dir = quantized(
+        "tiny-a",
+        GgmlType::Q8_0,
+        &[FileKind::Thinker, FileKind::Mmproj],
+    );
     let found = GgufModelFiles::discover(dir.path()).unwrap().unwrap();
     assert!(found.thinker.is_some() && found.mmproj.is_some() && found.talker.is_none());
     let thinker = dir.path().join("thinker-q8_0.gguf");
     let explicit = GgufModelFiles::with_overrides(None, Some(&thinker), None, None).unwrap();
     assert_eq!(explicit.thinker, found.thinker);
     // A safetensors directory is not a GGUF model.
-    assert!(GgufModelFiles::discover(&fixture("tiny-a")).unwrap().is_none());
+    assert!(GgufModelFiles::discover(&fixture("tiny-a"))
+        .unwrap()
+        .is_none());
     // The wrong kind of file is refused with its architecture named.
-    let err = GgufModelFiles::with_overrides(None, Some(&dir.path().join("mmproj-q8_0.gguf")), None, None).unwrap_err();
+    let err = GgufModelFiles::with_overrides(
+        None,
+        Some(&dir.path().join("mmproj-q8_0.gguf")),
+        None,
+        None,
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("clip"), "{err:#}");
     let _ = Path::new("");
 }

@@ -124,7 +124,10 @@ fn prompts(model: &OmniModel, dir: &Path, max_new_tokens: usize) -> Result<Vec<E
     let golden = dir.join("golden/golden.json");
     if golden.exists() {
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&golden)?)?;
-        if let Some(cases) = json.pointer("/thinker_text/cases").and_then(|c| c.as_array()) {
+        if let Some(cases) = json
+            .pointer("/thinker_text/cases")
+            .and_then(|c| c.as_array())
+        {
             return cases
                 .iter()
                 .map(|c| {
@@ -135,19 +138,39 @@ fn prompts(model: &OmniModel, dir: &Path, max_new_tokens: usize) -> Result<Vec<E
                         .iter()
                         .map(|v| v.as_u64().map(|x| x as u32).context("prompt id"))
                         .collect::<Result<Vec<_>>>()?;
-                    let n = c.get("max_new_tokens").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(max_new_tokens);
-                    Ok(EvalPrompt { name: c.get("name").and_then(|v| v.as_str()).unwrap_or("case").into(), ids, max_new_tokens: n })
+                    let n = c
+                        .get("max_new_tokens")
+                        .and_then(|v| v.as_u64())
+                        .map(|v| v as usize)
+                        .unwrap_or(max_new_tokens);
+                    Ok(EvalPrompt {
+                        name: c
+                            .get("name")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("case")
+                            .into(),
+                        ids,
+                        max_new_tokens: n,
+                    })
                 })
                 .collect();
         }
     }
-    let texts = ["Hello! How are you today?", "Tell me a joke about computers.", "What is the capital of France? Answer in one word."];
+    let texts = [
+        "Hello! How are you today?",
+        "Tell me a joke about computers.",
+        "What is the capital of France? Answer in one word.",
+    ];
     texts
         .iter()
         .enumerate()
         .map(|(i, t)| {
             let (_, ids) = model.render_prompt(&[user_turn(&[], &[], &[], Some(t))])?;
-            Ok(EvalPrompt { name: format!("prompt{i}"), ids, max_new_tokens })
+            Ok(EvalPrompt {
+                name: format!("prompt{i}"),
+                ids,
+                max_new_tokens,
+            })
         })
         .collect()
 }
@@ -155,17 +178,29 @@ fn prompts(model: &OmniModel, dir: &Path, max_new_tokens: usize) -> Result<Vec<E
 /// All-position logits `[t][vocab]` of `ids` in one pass.
 pub fn all_logits(thinker: &ThinkerText, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
     let mut cache = thinker.new_cache();
-    let step = thinker.forward(&thinker.embed(ids)?, &text_positions(0, ids.len()), &mut cache, &[])?;
+    let step = thinker.forward(
+        &thinker.embed(ids)?,
+        &text_positions(0, ids.len()),
+        &mut cache,
+        &[],
+    )?;
     Ok(thinker.logits(&step.hidden)?.squeeze(0)?.to_vec2::<f32>()?)
 }
 
 /// Thinker agreement of `quantized` with `reference` on `prompts`.
-pub fn thinker_agreement(reference: &OmniModel, quantized: &OmniModel, prompts: &[EvalPrompt]) -> Result<ThinkerAgreement> {
+pub fn thinker_agreement(
+    reference: &OmniModel,
+    quantized: &OmniModel,
+    prompts: &[EvalPrompt],
+) -> Result<ThinkerAgreement> {
     let eos = reference.eos_ids()?;
     let mut cases = Vec::new();
     let mut total = Nmse::default();
     for p in prompts {
-        let stop = StopRule { eos_ids: eos.clone(), max_new_tokens: p.max_new_tokens };
+        let stop = StopRule {
+            eos_ids: eos.clone(),
+            max_new_tokens: p.max_new_tokens,
+        };
         let greedy = |m: &OmniModel| -> Result<Vec<u32>> {
             let mut sampler = Sampler::new(SamplingParams::greedy());
             Ok(generate_text(&m.thinker, &p.ids, &mut sampler, &stop, |_| Ok(true))?.token_ids)
@@ -185,10 +220,14 @@ pub fn thinker_agreement(reference: &OmniModel, quantized: &OmniModel, prompts: 
         // token after the continuation, eos or the next one).
         let first = p.ids.len() - 1;
         let positions = (first..seq.len()).count();
-        let disagreements: Vec<(usize, f32)> =
-            (first..seq.len()).filter(|&i| argmax(&q[i]) != argmax(&r[i])).map(|i| (i, margin(&r[i]))).collect();
+        let disagreements: Vec<(usize, f32)> = (first..seq.len())
+            .filter(|&i| argmax(&q[i]) != argmax(&r[i]))
+            .map(|i| (i, margin(&r[i])))
+            .collect();
         let agreeing = positions - disagreements.len();
-        let prompt_agreeing = (0..first).filter(|&i| argmax(&q[i]) == argmax(&r[i])).count();
+        let prompt_agreeing = (0..first)
+            .filter(|&i| argmax(&q[i]) == argmax(&r[i]))
+            .count();
         cases.push(CaseAgreement {
             name: p.name.clone(),
             prompt_tokens: p.ids.len(),
@@ -202,7 +241,10 @@ pub fn thinker_agreement(reference: &OmniModel, quantized: &OmniModel, prompts: 
     }
     let positions = cases.iter().map(|c| c.positions).sum();
     let agreeing = cases.iter().map(|c| c.agreeing).sum();
-    let all: usize = cases.iter().map(|c| c.positions + c.prompt_tokens - 1).sum();
+    let all: usize = cases
+        .iter()
+        .map(|c| c.positions + c.prompt_tokens - 1)
+        .sum();
     let all_agree: usize = cases.iter().map(|c| c.agreeing + c.prompt_agreeing).sum();
     Ok(ThinkerAgreement {
         top1_agreement_all_positions: all_agree as f64 / (all as f64).max(1.0),
@@ -223,40 +265,74 @@ pub fn weight_nmse(reference: &WeightStore, quantized: &WeightStore) -> Result<V
         if !reference.contains(&name) {
             continue;
         }
-        let Some(c) = Component::of(&name) else { continue };
-        let q = quantized.gguf().and_then(|g| g.values(&name).ok()).context("GGUF store")?;
-        let r = reference.tensor(&name, &q.1)?.flatten_all()?.to_vec1::<f32>()?;
+        let Some(c) = Component::of(&name) else {
+            continue;
+        };
+        let q = quantized
+            .gguf()
+            .and_then(|g| g.values(&name).ok())
+            .context("GGUF store")?;
+        let r = reference
+            .tensor(&name, &q.1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let e = acc.entry(c).or_default();
         e.0 += 1;
         e.1.add(&q.0, &r);
     }
-    Ok(acc.into_iter().map(|(c, (n, m))| WeightNmse { component: c.name().into(), tensors: n, nmse: m.value() }).collect())
+    Ok(acc
+        .into_iter()
+        .map(|(c, (n, m))| WeightNmse {
+            component: c.name().into(),
+            tensors: n,
+            nmse: m.value(),
+        })
+        .collect())
 }
 
 fn audio_stage(reference: &OmniModel, quantized: &OmniModel) -> Result<Option<StageNmse>> {
-    let (Some(ra), Some(qa)) = (&reference.audio, &quantized.audio) else { return Ok(None) };
+    let (Some(ra), Some(qa)) = (&reference.audio, &quantized.audio) else {
+        return Ok(None);
+    };
     // Two seconds of a chirp with a little deterministic noise, 16 kHz.
     let clip: Vec<f32> = (0..32000)
         .map(|i| {
             let t = i as f32 / 16000.0;
-            0.3 * (2.0 * std::f32::consts::PI * (220.0 + 200.0 * t) * t).sin() + 0.01 * ((i * 7919 % 101) as f32 / 50.0 - 1.0)
+            0.3 * (2.0 * std::f32::consts::PI * (220.0 + 200.0 * t) * t).sin()
+                + 0.01 * ((i * 7919 % 101) as f32 / 50.0 - 1.0)
         })
         .collect();
     let run = |front: &crate::pipeline::AudioFrontEnd| -> Result<Vec<f32>> {
         let mel = front.mel.extract(&[&clip])?;
         let valid = mel.clip_valid(0);
-        let feats = [crate::audio_encoder::ClipFeatures { mel: &valid, frames: mel.valid_frames[0] }];
-        Ok(front.encoder.forward(&feats)?.embeddings.flatten_all()?.to_vec1::<f32>()?)
+        let feats = [crate::audio_encoder::ClipFeatures {
+            mel: &valid,
+            frames: mel.valid_frames[0],
+        }];
+        Ok(front
+            .encoder
+            .forward(&feats)?
+            .embeddings
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     };
     let (r, q) = (run(ra)?, run(qa)?);
     let mut n = Nmse::default();
     n.add(&q, &r);
-    Ok(Some(StageNmse { stage: "audio_encoder".into(), nmse: n.value(), what: "AuT output embeddings, 2 s synthetic chirp".into() }))
+    Ok(Some(StageNmse {
+        stage: "audio_encoder".into(),
+        nmse: n.value(),
+        what: "AuT output embeddings, 2 s synthetic chirp".into(),
+    }))
 }
 
 fn code2wav_stage(reference: &OmniModel, quantized: &OmniModel) -> Result<Option<StageNmse>> {
-    let Some(cfg) = &reference.config.code2wav_config else { return Ok(None) };
-    if !quantized.weights.contains("code2wav.code_embedding.weight") || !reference.weights.contains("code2wav.code_embedding.weight") {
+    let Some(cfg) = &reference.config.code2wav_config else {
+        return Ok(None);
+    };
+    if !quantized.weights.contains("code2wav.code_embedding.weight")
+        || !reference.weights.contains("code2wav.code_embedding.weight")
+    {
         return Ok(None);
     }
     let r = crate::code2wav::Code2Wav::new(cfg, &reference.weights.root().pp("code2wav"))?;
@@ -280,11 +356,64 @@ fn code2wav_stage(reference: &OmniModel, quantized: &OmniModel) -> Result<Option
     let (rw, qw) = (r.decode_unclamped(&codes)?, q.decode_unclamped(&codes)?);
     let mut n = Nmse::default();
     n.add(&qw, &rw);
-    Ok(Some(StageNmse { stage: "code2wav".into(), nmse: n.value(), what: "waveform of 12 random codec frames".into() }))
+    Ok(Some(StageNmse {
+        stage: "code2wav".into(),
+        nmse: n.value(),
+        what: "waveform of 12 random codec frames".into(),
+    }))
+}
+
+/// Deterministic pseudo-random values in (-1, 1).
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Talker decoder + codec head, and the code predictor, on the same fixed inputs.
+fn talker_stages(reference: &OmniModel, quantized: &OmniModel) -> Result<Vec<StageNmse>> {
+    let Some(cfg) = &reference.config.talker_config else { return Ok(Vec::new()) };
+    if !quantized.weights.contains("talker.codec_head.weight") || !reference.weights.contains("talker.codec_head.weight") {
+        return Ok(Vec::new());
+    }
+    let r = crate::talker::Talker::new(cfg, &reference.weights.root().pp("talker"))?;
+    let q = crate::talker::Talker::new(cfg, &quantized.weights.root().pp("talker"))?;
+    let h = cfg.text_config.hidden_size;
+    let t = 12;
+    let device = candle_core::Device::Cpu;
+    let embeds = candle_core::Tensor::from_vec(pseudo_random(t * h, 7), (1, t, h), &device)?;
+    let logits = |m: &crate::talker::Talker| -> Result<Vec<f32>> {
+        let mut cache = m.new_cache();
+        Ok(m.forward(&embeds, &mut cache)?.1.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let mut talker = Nmse::default();
+    talker.add(&logits(&q)?, &logits(&r)?);
+    let prefill = candle_core::Tensor::from_vec(pseudo_random(2 * h, 11), (1, 2, h), &device)?;
+    let vocab = cfg.code_predictor_config.vocab_size as u64;
+    let codes: Vec<u32> = pseudo_random(cfg.num_code_groups, 13).iter().map(|x| ((x.abs() * 1e6) as u64 % vocab) as u32).collect();
+    let mut cp = Nmse::default();
+    let (rl, ql) = (r.code_predictor.logits_teacher_forced(&prefill, &codes)?, q.code_predictor.logits_teacher_forced(&prefill, &codes)?);
+    for (a, b) in ql.iter().zip(&rl) {
+        cp.add(a, b);
+    }
+    Ok(vec![
+        StageNmse { stage: "talker".into(), nmse: talker.value(), what: format!("codec logits of {t} fixed input embeddings") },
+        StageNmse { stage: "code_predictor".into(), nmse: cp.value(), what: "teacher-forced logits of one frame".into() },
+    ])
 }
 
 /// Compares the GGUF files with the checkpoint in `reference_dir`.
-pub fn evaluate(reference_dir: &Path, files: &GgufModelFiles, max_new_tokens: usize) -> Result<EvalReport> {
+pub fn evaluate(
+    reference_dir: &Path,
+    files: &GgufModelFiles,
+    max_new_tokens: usize,
+) -> Result<EvalReport> {
     let reference = OmniModel::load(reference_dir, &mut NoProgress)
         .with_context(|| format!("cannot load the reference {}", reference_dir.display()))?;
     let quantized = OmniModel::load_gguf(files, &mut NoProgress)?;
@@ -293,15 +422,30 @@ pub fn evaluate(reference_dir: &Path, files: &GgufModelFiles, max_new_tokens: us
     let mut stages = vec![StageNmse {
         stage: "thinker".into(),
         nmse: thinker.logits_nmse,
-        what: format!("logits at {} positions of {} prompts", thinker.cases.iter().map(|c| c.positions).sum::<usize>(), prompts.len()),
+        what: format!(
+            "logits at {} positions of {} prompts",
+            thinker.cases.iter().map(|c| c.positions).sum::<usize>(),
+            prompts.len()
+        ),
     }];
     if let Some(s) = audio_stage(&reference, &quantized)? {
         stages.push(s);
     }
+    stages.extend(talker_stages(&reference, &quantized)?);
     if let Some(s) = code2wav_stage(&reference, &quantized)? {
         stages.push(s);
     }
     let weights = weight_nmse(&reference.weights, &quantized.weights)?;
-    let listed = [&files.thinker, &files.mmproj, &files.talker].into_iter().flatten().cloned().collect();
-    Ok(EvalReport { reference: reference_dir.to_path_buf(), files: listed, stages, thinker, weights })
+    let listed = [&files.thinker, &files.mmproj, &files.talker]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    Ok(EvalReport {
+        reference: reference_dir.to_path_buf(),
+        files: listed,
+        stages,
+        thinker,
+        weights,
+    })
 }

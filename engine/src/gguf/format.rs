@@ -61,7 +61,9 @@ impl GgmlType {
             14 => Self::Q6K,
             15 => Self::Q8K,
             30 => Self::BF16,
-            16..=23 | 29 => bail!("ggml type {v} (an IQ quantization) is not supported; use Q8_0 or a K-quant"),
+            16..=23 | 29 => {
+                bail!("ggml type {v} (an IQ quantization) is not supported; use Q8_0 or a K-quant")
+            }
             other => bail!("unknown ggml type {other}"),
         })
     }
@@ -274,23 +276,41 @@ impl Value {
     }
 
     pub fn strings<S: AsRef<str>>(items: &[S]) -> Self {
-        Self::Array(ArrayType::String, items.iter().map(|s| Self::String(s.as_ref().to_string())).collect())
+        Self::Array(
+            ArrayType::String,
+            items
+                .iter()
+                .map(|s| Self::String(s.as_ref().to_string()))
+                .collect(),
+        )
     }
 
     pub fn i32s(items: &[i32]) -> Self {
-        Self::Array(ArrayType::I32, items.iter().map(|&v| Self::I32(v)).collect())
+        Self::Array(
+            ArrayType::I32,
+            items.iter().map(|&v| Self::I32(v)).collect(),
+        )
     }
 
     pub fn u32s(items: &[u32]) -> Self {
-        Self::Array(ArrayType::U32, items.iter().map(|&v| Self::U32(v)).collect())
+        Self::Array(
+            ArrayType::U32,
+            items.iter().map(|&v| Self::U32(v)).collect(),
+        )
     }
 
     pub fn f32s(items: &[f32]) -> Self {
-        Self::Array(ArrayType::F32, items.iter().map(|&v| Self::F32(v)).collect())
+        Self::Array(
+            ArrayType::F32,
+            items.iter().map(|&v| Self::F32(v)).collect(),
+        )
     }
 
     pub fn bools(items: &[bool]) -> Self {
-        Self::Array(ArrayType::Bool, items.iter().map(|&v| Self::Bool(v)).collect())
+        Self::Array(
+            ArrayType::Bool,
+            items.iter().map(|&v| Self::Bool(v)).collect(),
+        )
     }
 
     /// Any integer value as `u64` (negative values are rejected).
@@ -394,8 +414,16 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.pos.checked_add(n).is_none_or(|end| end > self.data.len()) {
-            bail!("{}: truncated GGUF header (needed {n} bytes at offset {})", self.path.display(), self.pos);
+        if self
+            .pos
+            .checked_add(n)
+            .is_none_or(|end| end > self.data.len())
+        {
+            bail!(
+                "{}: truncated GGUF header (needed {n} bytes at offset {})",
+                self.path.display(),
+                self.pos
+            );
         }
         let s = &self.data[self.pos..self.pos + n];
         self.pos += n;
@@ -416,8 +444,13 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Result<String> {
         let n = self.u64()? as usize;
         let bytes = self.take(n)?;
-        String::from_utf8(bytes.to_vec())
-            .with_context(|| format!("{}: a GGUF string at offset {} is not UTF-8", self.path.display(), self.pos))
+        String::from_utf8(bytes.to_vec()).with_context(|| {
+            format!(
+                "{}: a GGUF string at offset {} is not UTF-8",
+                self.path.display(),
+                self.pos
+            )
+        })
     }
     fn scalar(&mut self, t: ArrayType) -> Result<Value> {
         Ok(match t {
@@ -440,7 +473,10 @@ impl<'a> Cursor<'a> {
             let et = ArrayType::from_code(self.u32()?)?;
             let n = self.u64()? as usize;
             if n > self.data.len() {
-                bail!("{}: GGUF array length {n} is larger than the file", self.path.display());
+                bail!(
+                    "{}: GGUF array length {n} is larger than the file",
+                    self.path.display()
+                );
             }
             let mut items = Vec::with_capacity(n);
             for _ in 0..n {
@@ -457,18 +493,26 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: read-only map; a concurrent writer would corrupt tensors, as in every mmap loader.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let map = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
         Self::parse(path, Arc::new(map))
     }
 
     fn parse(path: &Path, map: Arc<Mmap>) -> Result<Self> {
-        let mut c = Cursor { data: &map[..], pos: 0, path };
+        let mut c = Cursor {
+            data: &map[..],
+            pos: 0,
+            path,
+        };
         if c.take(4).ok() != Some(&GGUF_MAGIC[..]) {
             bail!("{} is not a GGUF file (bad magic)", path.display());
         }
         let version = c.u32()?;
         if !(2..=3).contains(&version) {
-            bail!("{}: GGUF version {version} is not supported (expected 3)", path.display());
+            bail!(
+                "{}: GGUF version {version} is not supported (expected 3)",
+                path.display()
+            );
         }
         let n_tensors = c.u64()? as usize;
         let n_kv = c.u64()? as usize;
@@ -477,7 +521,9 @@ impl GgufFile {
         for _ in 0..n_kv {
             let key = c.string()?;
             let code = c.u32()?;
-            let value = c.value(code).with_context(|| format!("{}: metadata key `{key}`", path.display()))?;
+            let value = c
+                .value(code)
+                .with_context(|| format!("{}: metadata key `{key}`", path.display()))?;
             key_order.push(key.clone());
             metadata.insert(key, value);
         }
@@ -486,17 +532,26 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
         };
         if alignment == 0 || !alignment.is_power_of_two() {
-            bail!("{}: general.alignment {alignment} is not a power of two", path.display());
+            bail!(
+                "{}: general.alignment {alignment} is not a power of two",
+                path.display()
+            );
         }
         let mut infos = Vec::with_capacity(n_tensors);
         for _ in 0..n_tensors {
             let name = c.string()?;
             let n_dims = c.u32()? as usize;
             if n_dims > 4 {
-                bail!("{}: tensor `{name}` has {n_dims} dimensions (at most 4)", path.display());
+                bail!(
+                    "{}: tensor `{name}` has {n_dims} dimensions (at most 4)",
+                    path.display()
+                );
             }
-            let dims = (0..n_dims).map(|_| c.u64().map(|d| d as usize)).collect::<Result<Vec<_>>>()?;
-            let dtype = GgmlType::from_u32(c.u32()?).with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+            let dims = (0..n_dims)
+                .map(|_| c.u64().map(|d| d as usize))
+                .collect::<Result<Vec<_>>>()?;
+            let dtype = GgmlType::from_u32(c.u32()?)
+                .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
             let offset = c.u64()? as usize;
             infos.push((name, dims, dtype, offset));
         }
@@ -504,8 +559,17 @@ impl GgufFile {
         let mut tensors = Vec::with_capacity(n_tensors);
         let mut by_name = BTreeMap::new();
         for (name, dims, dtype, rel) in infos {
-            let info = TensorInfo { name: name.clone(), dims, dtype, offset: data_offset + rel };
-            if info.dims.first().is_some_and(|d| d % dtype.block_size() != 0) {
+            let info = TensorInfo {
+                name: name.clone(),
+                dims,
+                dtype,
+                offset: data_offset + rel,
+            };
+            if info
+                .dims
+                .first()
+                .is_some_and(|d| d % dtype.block_size() != 0)
+            {
                 bail!(
                     "{}: tensor `{name}` rows of {} values are not a multiple of the {} block size {}",
                     path.display(),
@@ -523,7 +587,17 @@ impl GgufFile {
             }
             tensors.push(info);
         }
-        Ok(Self { path: path.to_path_buf(), map, version, alignment, data_offset, metadata, key_order, tensors, by_name })
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+            version,
+            alignment,
+            data_offset,
+            metadata,
+            key_order,
+            tensors,
+            by_name,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -576,11 +650,21 @@ impl GgufFile {
 
     /// A required integer key, with an error naming the file and key.
     pub fn require_u64(&self, key: &str) -> Result<u64> {
-        self.get_u64(key).with_context(|| format!("{}: metadata key `{key}` is missing or not an integer", self.path.display()))
+        self.get_u64(key).with_context(|| {
+            format!(
+                "{}: metadata key `{key}` is missing or not an integer",
+                self.path.display()
+            )
+        })
     }
 
     pub fn require_f64(&self, key: &str) -> Result<f64> {
-        self.get_f64(key).with_context(|| format!("{}: metadata key `{key}` is missing or not a number", self.path.display()))
+        self.get_f64(key).with_context(|| {
+            format!(
+                "{}: metadata key `{key}` is missing or not a number",
+                self.path.display()
+            )
+        })
     }
 
     pub fn architecture(&self) -> Option<&str> {
@@ -607,7 +691,10 @@ impl GgufFile {
         {
             // SAFETY: the map is private and read-only; dropped pages are re-read from the file if
             // touched again, so borrowers of the same range still see the same bytes.
-            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
         }
         #[cfg(not(unix))]
         let _ = (offset, len);
@@ -667,7 +754,11 @@ fn write_scalar(w: &mut impl Write, v: &Value) -> Result<()> {
 
 impl GgufWriter {
     /// Creates `path` and writes the header: `metadata` in the given order, then `tensors`.
-    pub fn create(path: &Path, metadata: &[(String, Value)], tensors: Vec<TensorSpec>) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        metadata: &[(String, Value)],
+        tensors: Vec<TensorSpec>,
+    ) -> Result<Self> {
         let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
             Some((_, v)) => v.as_u64().context("general.alignment must be an integer")? as usize,
             None => DEFAULT_ALIGNMENT,
@@ -680,11 +771,20 @@ impl GgufWriter {
             if t.name.len() >= 64 {
                 bail!("tensor name `{}` is longer than ggml's 63 bytes", t.name);
             }
-            if t.dims.first().is_some_and(|d| d % t.dtype.block_size() != 0) {
-                bail!("tensor `{}`: rows of {} values cannot be stored as {}", t.name, t.dims[0], t.dtype.name());
+            if t.dims
+                .first()
+                .is_some_and(|d| d % t.dtype.block_size() != 0)
+            {
+                bail!(
+                    "tensor `{}`: rows of {} values cannot be stored as {}",
+                    t.name,
+                    t.dims[0],
+                    t.dtype.name()
+                );
             }
         }
-        let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let file =
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(GGUF_MAGIC)?;
         out.write_all(&GGUF_VERSION.to_le_bytes())?;
@@ -743,7 +843,10 @@ impl GgufWriter {
         let mut bytes = bytes;
         while !bytes.is_empty() {
             let Some(spec) = self.specs.get(self.current) else {
-                bail!("{}: more tensor data than the header announced", self.path.display());
+                bail!(
+                    "{}: more tensor data than the header announced",
+                    self.path.display()
+                );
             };
             let need = spec.size_in_bytes() - self.written_in_current;
             let n = need.min(bytes.len());
@@ -752,12 +855,17 @@ impl GgufWriter {
             self.total_written += n as u64;
             bytes = &bytes[n..];
             if self.written_in_current == spec.size_in_bytes() {
-                let pad = spec.size_in_bytes().div_ceil(self.alignment) * self.alignment - spec.size_in_bytes();
+                let pad = spec.size_in_bytes().div_ceil(self.alignment) * self.alignment
+                    - spec.size_in_bytes();
                 self.out.write_all(&vec![0u8; pad])?;
                 self.current += 1;
                 self.written_in_current = 0;
                 // Zero-sized tensors complete immediately.
-                while self.specs.get(self.current).is_some_and(|s| s.size_in_bytes() == 0) {
+                while self
+                    .specs
+                    .get(self.current)
+                    .is_some_and(|s| s.size_in_bytes() == 0)
+                {
                     self.current += 1;
                 }
             }
@@ -775,7 +883,10 @@ impl GgufWriter {
             );
         }
         self.out.flush()?;
-        let file = self.out.into_inner().map_err(|e| anyhow::anyhow!("cannot flush {}: {e}", self.path.display()))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| anyhow::anyhow!("cannot flush {}: {e}", self.path.display()))?;
         file.sync_all()?;
         Ok(self.total_written)
     }
@@ -791,14 +902,25 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.gguf");
         let meta = vec![
-            ("general.architecture".to_string(), Value::String("test".into())),
+            (
+                "general.architecture".to_string(),
+                Value::String("test".into()),
+            ),
             ("a.list".to_string(), Value::i32s(&[1, -2, 3])),
             ("a.strings".to_string(), Value::strings(&["x", "yz"])),
             ("a.f".to_string(), Value::F32(0.5)),
         ];
         let specs = vec![
-            TensorSpec { name: "w".into(), dims: vec![32, 2], dtype: GgmlType::Q8_0 },
-            TensorSpec { name: "b".into(), dims: vec![3], dtype: GgmlType::F32 },
+            TensorSpec {
+                name: "w".into(),
+                dims: vec![32, 2],
+                dtype: GgmlType::Q8_0,
+            },
+            TensorSpec {
+                name: "b".into(),
+                dims: vec![3],
+                dtype: GgmlType::F32,
+            },
         ];
         let mut w = GgufWriter::create(&path, &meta, specs).unwrap();
         w.write(&[1u8; 34]).unwrap();

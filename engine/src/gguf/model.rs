@@ -75,7 +75,11 @@ impl GgufModelFiles {
                 Some(FileKind::Mmproj) => &mut out.mmproj,
                 Some(FileKind::Talker) => &mut out.talker,
                 None => {
-                    tracing::warn!("{}: architecture {:?} is not part of Qwen3-Omni; ignored", p.display(), f.architecture());
+                    tracing::warn!(
+                        "{}: architecture {:?} is not part of Qwen3-Omni; ignored",
+                        p.display(),
+                        f.architecture()
+                    );
                     continue;
                 }
             };
@@ -91,13 +95,21 @@ impl GgufModelFiles {
             *slot = Some(p);
         }
         if out.thinker.is_none() {
-            bail!("{} has GGUF files but no Thinker (general.architecture = {THINKER_ARCH})", dir.display());
+            bail!(
+                "{} has GGUF files but no Thinker (general.architecture = {THINKER_ARCH})",
+                dir.display()
+            );
         }
         Ok(Some(out))
     }
 
     /// Explicit paths, completed from `dir` (when given) for the kinds not named.
-    pub fn with_overrides(dir: Option<&Path>, thinker: Option<&Path>, mmproj: Option<&Path>, talker: Option<&Path>) -> Result<Self> {
+    pub fn with_overrides(
+        dir: Option<&Path>,
+        thinker: Option<&Path>,
+        mmproj: Option<&Path>,
+        talker: Option<&Path>,
+    ) -> Result<Self> {
         let mut out = match dir {
             Some(d) => Self::discover(d)?.unwrap_or_default(),
             None => Self::default(),
@@ -152,12 +164,21 @@ pub struct GgufModelParts {
 /// Opens the files and reads config, tokenizer and template.
 pub fn open(files: &GgufModelFiles) -> Result<GgufModelParts> {
     let thinker_path = files.thinker.as_deref().context("no Thinker GGUF file")?;
-    let mut opened = vec![SourceFile { kind: FileKind::Thinker, file: GgufFile::open(thinker_path)? }];
+    let mut opened = vec![SourceFile {
+        kind: FileKind::Thinker,
+        file: GgufFile::open(thinker_path)?,
+    }];
     if let Some(p) = &files.mmproj {
-        opened.push(SourceFile { kind: FileKind::Mmproj, file: GgufFile::open(p)? });
+        opened.push(SourceFile {
+            kind: FileKind::Mmproj,
+            file: GgufFile::open(p)?,
+        });
     }
     if let Some(p) = &files.talker {
-        opened.push(SourceFile { kind: FileKind::Talker, file: GgufFile::open(p)? });
+        opened.push(SourceFile {
+            kind: FileKind::Talker,
+            file: GgufFile::open(p)?,
+        });
     }
     let source = GgufSource::new(opened)?;
     let thinker = source.file(FileKind::Thinker).expect("opened above");
@@ -175,15 +196,19 @@ pub fn open(files: &GgufModelFiles) -> Result<GgufModelParts> {
         }
     };
     let generation = match thinker.get_str(KEY_GENERATION) {
-        Some(text) => Some(serde_json::from_str(text).with_context(|| format!("{}: invalid `{KEY_GENERATION}`", thinker.path().display()))?),
-        None => thinker.get_u64("tokenizer.ggml.eos_token_id").map(|eos| GenerationDefaults {
-            eos_token_id: Some(json!(eos)),
-            do_sample: None,
-            temperature: None,
-            top_k: None,
-            top_p: None,
-            repetition_penalty: None,
-        }),
+        Some(text) => Some(serde_json::from_str(text).with_context(|| {
+            format!("{}: invalid `{KEY_GENERATION}`", thinker.path().display())
+        })?),
+        None => thinker
+            .get_u64("tokenizer.ggml.eos_token_id")
+            .map(|eos| GenerationDefaults {
+                eos_token_id: Some(json!(eos)),
+                do_sample: None,
+                temperature: None,
+                top_k: None,
+                top_p: None,
+                repetition_penalty: None,
+            }),
     };
     let tokenizer = super::tokenizer::text_tokenizer(thinker)?;
     let template_text = thinker
@@ -203,7 +228,9 @@ pub fn open(files: &GgufModelFiles) -> Result<GgufModelParts> {
             .as_ref()
             .is_some_and(|v| !v.deepstack_visual_indexes.is_empty());
         let has_vision = source.contains("thinker.visual.merger.mlp.0.weight");
-        let has_deepstack = source.names().any(|n| n.starts_with("thinker.visual.merger_list."));
+        let has_deepstack = source
+            .names()
+            .any(|n| n.starts_with("thinker.visual.merger_list."));
         if has_vision && wants_deepstack && !has_deepstack {
             notes.push(format!(
                 "{} has no deepstack mergers (omni.deepstack.*): images will be read without the deepstack features, an approximation of the reference (as llama.cpp does)",
@@ -215,7 +242,15 @@ pub fn open(files: &GgufModelFiles) -> Result<GgufModelParts> {
         tracing::info!("GGUF tensor not used by omni: {u}");
     }
     let weights = WeightStore::from_gguf(&files.dir(), source);
-    Ok(GgufModelParts { config, generation, tokenizer, template, weights, preprocessor_config, notes })
+    Ok(GgufModelParts {
+        config,
+        generation,
+        tokenizer,
+        template,
+        weights,
+        preprocessor_config,
+        notes,
+    })
 }
 
 /// `config.json` for a Thinker file that carries only llama.cpp's keys.
@@ -225,8 +260,13 @@ pub fn config_from_llama_keys(f: &GgufFile) -> Result<OmniConfig> {
     let n_layers = f.require_u64(&key("block_count"))? as usize;
     let hidden = f.require_u64(&key("embedding_length"))? as usize;
     let heads = f.require_u64(&key("attention.head_count"))? as usize;
-    let kv_heads = f.get_u64(&key("attention.head_count_kv")).unwrap_or(heads as u64) as usize;
-    let head_dim = f.get_u64(&key("attention.key_length")).map(|v| v as usize).unwrap_or(hidden / heads);
+    let kv_heads = f
+        .get_u64(&key("attention.head_count_kv"))
+        .unwrap_or(heads as u64) as usize;
+    let head_dim = f
+        .get_u64(&key("attention.key_length"))
+        .map(|v| v as usize)
+        .unwrap_or(hidden / heads);
     let vocab = f
         .tensor("token_embd.weight")
         .map(|t| t.dims[1])
@@ -235,9 +275,16 @@ pub fn config_from_llama_keys(f: &GgufFile) -> Result<OmniConfig> {
         .get(&key("rope.dimension_sections"))
         .and_then(|v| v.as_array())
         .map(|items| items.iter().filter_map(|v| v.as_u64()).collect())
-        .with_context(|| format!("{}: `{}` is required", f.path().display(), key("rope.dimension_sections")))?;
-    let mlp_only: Vec<usize> =
-        (0..n_layers).filter(|l| f.tensor(&format!("blk.{l}.ffn_gate_inp.weight")).is_none()).collect();
+        .with_context(|| {
+            format!(
+                "{}: `{}` is required",
+                f.path().display(),
+                key("rope.dimension_sections")
+            )
+        })?;
+    let mlp_only: Vec<usize> = (0..n_layers)
+        .filter(|l| f.tensor(&format!("blk.{l}.ffn_gate_inp.weight")).is_none())
+        .collect();
     let text = json!({
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -264,5 +311,10 @@ pub fn config_from_llama_keys(f: &GgufFile) -> Result<OmniConfig> {
     if let Some(eos) = f.get_u64("tokenizer.ggml.eos_token_id") {
         cfg["im_end_token_id"] = json!(eos);
     }
-    OmniConfig::from_json_str(&cfg.to_string()).with_context(|| format!("{}: cannot rebuild the Thinker configuration", f.path().display()))
+    OmniConfig::from_json_str(&cfg.to_string()).with_context(|| {
+        format!(
+            "{}: cannot rebuild the Thinker configuration",
+            f.path().display()
+        )
+    })
 }

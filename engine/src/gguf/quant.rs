@@ -57,7 +57,10 @@ pub fn encode(xs: &[f32], dtype: GgmlType, out: &mut Vec<u8>) -> Result<()> {
             }
             quantize_q8_0(xs, out)
         }
-        other => bail!("writing {} is not supported (write q8_0, f16, bf16 or f32)", other.name()),
+        other => bail!(
+            "writing {} is not supported (write q8_0, f16, bf16 or f32)",
+            other.name()
+        ),
     }
     Ok(())
 }
@@ -65,7 +68,10 @@ pub fn encode(xs: &[f32], dtype: GgmlType, out: &mut Vec<u8>) -> Result<()> {
 fn cast_blocks<T>(bytes: &[u8]) -> Result<&[T]> {
     let size = std::mem::size_of::<T>();
     if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
-        bail!("misaligned or truncated tensor data ({} bytes)", bytes.len());
+        bail!(
+            "misaligned or truncated tensor data ({} bytes)",
+            bytes.len()
+        );
     }
     // SAFETY: the block types are plain `repr(C)` data (f16/u8/i8 fields), any bit pattern is valid.
     Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) })
@@ -81,16 +87,29 @@ fn to_float<T: k_quants::GgmlType>(bytes: &[u8], n: usize) -> Result<Vec<f32>> {
 /// Decodes `n` values of type `dtype` to f32.
 pub fn decode(bytes: &[u8], dtype: GgmlType, n: usize) -> Result<Vec<f32>> {
     if bytes.len() != dtype.bytes_for(n) {
-        bail!("{} bytes do not hold {n} {} values", bytes.len(), dtype.name());
+        bail!(
+            "{} bytes do not hold {n} {} values",
+            bytes.len(),
+            dtype.name()
+        );
     }
     use k_quants::{
-        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0,
-        BlockQ8_1,
+        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+        BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1,
     };
     Ok(match dtype {
-        GgmlType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-        GgmlType::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        GgmlType::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        GgmlType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        GgmlType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        GgmlType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         GgmlType::Q4_0 => to_float::<BlockQ4_0>(bytes, n)?,
         GgmlType::Q4_1 => to_float::<BlockQ4_1>(bytes, n)?,
         GgmlType::Q5_0 => to_float::<BlockQ5_0>(bytes, n)?,
@@ -118,7 +137,9 @@ mod tests {
 
     #[test]
     fn q8_0_matches_candle_and_round_trips() {
-        let xs: Vec<f32> = (0..64).map(|i| ((i as f32) * 0.37).sin() * 3.0 - 0.5).collect();
+        let xs: Vec<f32> = (0..64)
+            .map(|i| ((i as f32) * 0.37).sin() * 3.0 - 0.5)
+            .collect();
         let mut ours = Vec::new();
         quantize_q8_0(&xs, &mut ours);
         assert_eq!(ours.len(), 68);

@@ -22,7 +22,9 @@ use half::{bf16, f16};
 use serde_json::Value as Json;
 
 use super::format::{file_type_code, GgmlType, GgufWriter, TensorSpec, Value};
-use super::model::{KEY_CONFIG, KEY_GENERATION, KEY_PREPROCESSOR, MMPROJ_ARCH, TALKER_ARCH, THINKER_ARCH};
+use super::model::{
+    KEY_CONFIG, KEY_GENERATION, KEY_PREPROCESSOR, MMPROJ_ARCH, TALKER_ARCH, THINKER_ARCH,
+};
 use super::names::{hf_to_gguf, Component, FileKind, Layout, Rule};
 use super::quant;
 use crate::config::OmniConfig;
@@ -73,7 +75,10 @@ impl QuantizeOptions {
     }
 
     pub fn type_of(&self, c: Component) -> GgmlType {
-        self.component_types.get(&c).copied().unwrap_or(self.default_type)
+        self.component_types
+            .get(&c)
+            .copied()
+            .unwrap_or(self.default_type)
     }
 }
 
@@ -139,38 +144,67 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut entries = BTreeMap::new();
         for (fi, path) in paths.iter().enumerate() {
-            let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            let mut f =
+                File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             use std::io::Read;
             let mut len = [0u8; 8];
-            f.read_exact(&mut len).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+            f.read_exact(&mut len)
+                .with_context(|| format!("{}: not a safetensors file", path.display()))?;
             let n = u64::from_le_bytes(len) as usize;
             if n > 100 << 20 {
-                bail!("{}: safetensors header of {n} bytes is implausible", path.display());
+                bail!(
+                    "{}: safetensors header of {n} bytes is implausible",
+                    path.display()
+                );
             }
             let mut header = vec![0u8; n];
             f.read_exact(&mut header)?;
-            let json: Json = serde_json::from_slice(&header).with_context(|| format!("{}: invalid safetensors header", path.display()))?;
-            let obj = json.as_object().context("safetensors header is not an object")?;
+            let json: Json = serde_json::from_slice(&header)
+                .with_context(|| format!("{}: invalid safetensors header", path.display()))?;
+            let obj = json
+                .as_object()
+                .context("safetensors header is not an object")?;
             for (name, v) in obj {
                 if name == "__metadata__" {
                     continue;
                 }
-                let dtype = v.get("dtype").and_then(Json::as_str).context("safetensors: dtype")?.to_string();
+                let dtype = v
+                    .get("dtype")
+                    .and_then(Json::as_str)
+                    .context("safetensors: dtype")?
+                    .to_string();
                 let shape: Vec<usize> = v
                     .get("shape")
                     .and_then(Json::as_array)
                     .context("safetensors: shape")?
                     .iter()
-                    .map(|d| d.as_u64().map(|d| d as usize).context("safetensors: shape entries"))
+                    .map(|d| {
+                        d.as_u64()
+                            .map(|d| d as usize)
+                            .context("safetensors: shape entries")
+                    })
                     .collect::<Result<_>>()?;
-                let offs = v.get("data_offsets").and_then(Json::as_array).context("safetensors: data_offsets")?;
+                let offs = v
+                    .get("data_offsets")
+                    .and_then(Json::as_array)
+                    .context("safetensors: data_offsets")?;
                 let (a, b) = (offs[0].as_u64().unwrap_or(0), offs[1].as_u64().unwrap_or(0));
-                let entry = StEntry { file: fi, dtype, shape, start: 8 + n as u64 + a, len: (b - a) as usize };
+                let entry = StEntry {
+                    file: fi,
+                    dtype,
+                    shape,
+                    start: 8 + n as u64 + a,
+                    len: (b - a) as usize,
+                };
                 entries.insert(name.clone(), entry);
             }
             files.push(f);
         }
-        Ok(Self { files, paths, entries })
+        Ok(Self {
+            files,
+            paths,
+            entries,
+        })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -183,21 +217,71 @@ impl Checkpoint {
 
     /// Tensor `name` as f32 values (BF16, F16 and F32 checkpoints).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let e = self.entries.get(name).with_context(|| format!("tensor `{name}` is not in the checkpoint"))?;
-        let mut buf = vec![0u8; e.len];
-        read_at(&self.files[e.file], &mut buf, e.start)
-            .with_context(|| format!("cannot read `{name}` from {}", self.paths[e.file].display()))?;
-        let n: usize = e.shape.iter().product();
-        let out: Vec<f32> = match e.dtype.as_str() {
-            "BF16" => buf.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            "F16" => buf.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            "F32" => buf.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        let n: usize = self.shape(name).map(|s| s.iter().product()).unwrap_or(0);
+        let mut out = Vec::with_capacity(n);
+        self.read_f32_chunks(name, usize::MAX, &mut |c| {
+            out.extend_from_slice(c);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Tensor `name` as f32 values, handed to `f` in chunks of whole rows (innermost axis) of at most
+    /// `max_values` values (at least one row), so a big tensor never sits in memory whole.
+    pub fn read_f32_chunks(
+        &self,
+        name: &str,
+        max_values: usize,
+        f: &mut dyn FnMut(&[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let e = self
+            .entries
+            .get(name)
+            .with_context(|| format!("tensor `{name}` is not in the checkpoint"))?;
+        let elem = match e.dtype.as_str() {
+            "BF16" | "F16" => 2,
+            "F32" => 4,
             other => bail!("tensor `{name}` has dtype {other}; supported are BF16, F16 and F32"),
         };
-        if out.len() != n {
-            bail!("tensor `{name}`: {} values for shape {:?}", out.len(), e.shape);
+        let n: usize = e.shape.iter().product();
+        if n * elem != e.len {
+            bail!("tensor `{name}`: {} bytes for shape {:?}", e.len, e.shape);
         }
-        Ok(out)
+        let row = e.shape.last().copied().unwrap_or(1).max(1);
+        let chunk = (max_values / row).max(1) * row;
+        let mut buf = Vec::new();
+        let mut vals = Vec::new();
+        let mut done = 0usize;
+        while done < n {
+            let take = chunk.min(n - done);
+            buf.resize(take * elem, 0);
+            read_at(
+                &self.files[e.file],
+                &mut buf,
+                e.start + (done * elem) as u64,
+            )
+            .with_context(|| {
+                format!("cannot read `{name}` from {}", self.paths[e.file].display())
+            })?;
+            vals.clear();
+            match e.dtype.as_str() {
+                "BF16" => vals.extend(
+                    buf.chunks_exact(2)
+                        .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+                ),
+                "F16" => vals.extend(
+                    buf.chunks_exact(2)
+                        .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                ),
+                _ => vals.extend(
+                    buf.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                ),
+            }
+            f(&vals)?;
+            done += take;
+        }
+        Ok(())
     }
 }
 
@@ -273,7 +357,11 @@ pub fn choose_type(gguf: &str, shape: &[usize], wanted: GgmlType) -> GgmlType {
     }
     // llama.cpp keeps the audio convs in F16 and the patch embedding unquantized.
     if gguf.starts_with("a.conv") || gguf.starts_with("v.patch_embd") {
-        return if wanted.is_quantized() { GgmlType::F16 } else { wanted };
+        return if wanted.is_quantized() {
+            GgmlType::F16
+        } else {
+            wanted
+        };
     }
     if wanted.is_quantized() {
         if n_dims == 2 && quant::fits(wanted, row) {
@@ -300,8 +388,13 @@ fn plan(ck: &Checkpoint, kind: FileKind, opts: &QuantizeOptions, cfg: &Json) -> 
     let mut groups: BTreeMap<String, Group> = BTreeMap::new();
     for name in ck.names() {
         for p in hf_to_gguf(kind, name) {
-            let component = Component::of(name).with_context(|| format!("tensor `{name}` belongs to no component"))?;
-            let g = groups.entry(p.gguf.clone()).or_insert_with(|| Group { rule: p.rule, items: Vec::new(), component });
+            let component = Component::of(name)
+                .with_context(|| format!("tensor `{name}` belongs to no component"))?;
+            let g = groups.entry(p.gguf.clone()).or_insert_with(|| Group {
+                rule: p.rule,
+                items: Vec::new(),
+                component,
+            });
             g.items.push((p.index, name.to_string()));
         }
     }
@@ -311,20 +404,44 @@ fn plan(ck: &Checkpoint, kind: FileKind, opts: &QuantizeOptions, cfg: &Json) -> 
         let (dims, parts, unit): (Vec<usize>, Vec<Part>, Vec<usize>) = match g.rule.layout {
             Layout::Plain => {
                 let shape = ck.shape(&g.items[0].1).unwrap().to_vec();
-                (shape.iter().rev().copied().collect(), vec![Part::Tensor { hf: g.items[0].1.clone(), slice: None }], shape)
+                (
+                    shape.iter().rev().copied().collect(),
+                    vec![Part::Tensor {
+                        hf: g.items[0].1.clone(),
+                        slice: None,
+                    }],
+                    shape,
+                )
             }
             Layout::Bias3d => {
                 let shape = ck.shape(&g.items[0].1).unwrap().to_vec();
                 let n: usize = shape.iter().product();
-                (vec![1, 1, n], vec![Part::Tensor { hf: g.items[0].1.clone(), slice: None }], vec![n])
+                (
+                    vec![1, 1, n],
+                    vec![Part::Tensor {
+                        hf: g.items[0].1.clone(),
+                        slice: None,
+                    }],
+                    vec![n],
+                )
             }
             Layout::TemporalSlice(t) => {
                 let shape = ck.shape(&g.items[0].1).unwrap().to_vec();
                 if shape.len() != 5 || t >= shape[2] {
-                    bail!("`{}` has shape {shape:?}; expected a Conv3d kernel with a temporal axis", g.items[0].1);
+                    bail!(
+                        "`{}` has shape {shape:?}; expected a Conv3d kernel with a temporal axis",
+                        g.items[0].1
+                    );
                 }
                 let slice = vec![shape[0], shape[1], shape[3], shape[4]];
-                (slice.iter().rev().copied().collect(), vec![Part::Tensor { hf: g.items[0].1.clone(), slice: Some(t) }], slice)
+                (
+                    slice.iter().rev().copied().collect(),
+                    vec![Part::Tensor {
+                        hf: g.items[0].1.clone(),
+                        slice: Some(t),
+                    }],
+                    slice,
+                )
             }
             Layout::Stacked => {
                 g.items.sort_by_key(|(i, _)| i.unwrap_or(usize::MAX));
@@ -336,25 +453,51 @@ fn plan(ck: &Checkpoint, kind: FileKind, opts: &QuantizeOptions, cfg: &Json) -> 
                 let shape = ck.shape(&g.items[0].1).unwrap().to_vec();
                 for (_, name) in &g.items {
                     if ck.shape(name) != Some(&shape[..]) {
-                        bail!("`{name}` has shape {:?}, unlike `{}` {shape:?}; cannot stack them", ck.shape(name), g.items[0].1);
+                        bail!(
+                            "`{name}` has shape {:?}, unlike `{}` {shape:?}; cannot stack them",
+                            ck.shape(name),
+                            g.items[0].1
+                        );
                     }
                 }
                 let mut dims: Vec<usize> = shape.iter().rev().copied().collect();
                 dims.push(g.items.len());
-                let parts = g.items.iter().map(|(_, n)| Part::Tensor { hf: n.clone(), slice: None }).collect();
+                let parts = g
+                    .items
+                    .iter()
+                    .map(|(_, n)| Part::Tensor {
+                        hf: n.clone(),
+                        slice: None,
+                    })
+                    .collect();
                 (dims, parts, shape)
             }
         };
         let dtype = choose_type(&gguf, &unit, wanted);
-        tensors.push(Planned { spec: TensorSpec { name: gguf, dims, dtype }, parts, component: g.component });
+        tensors.push(Planned {
+            spec: TensorSpec {
+                name: gguf,
+                dims,
+                dtype,
+            },
+            parts,
+            component: g.component,
+        });
     }
     if kind == FileKind::Mmproj {
         if let Some(audio) = cfg.pointer("/thinker_config/audio_config") {
             if tensors.iter().any(|t| t.component == Component::Audio) {
-                let channels = audio.get("d_model").and_then(Json::as_u64).context("audio_config.d_model")? as usize;
+                let channels = audio
+                    .get("d_model")
+                    .and_then(Json::as_u64)
+                    .context("audio_config.d_model")? as usize;
                 let length = 1500;
                 tensors.push(Planned {
-                    spec: TensorSpec { name: "a.position_embd.weight".into(), dims: vec![channels, length], dtype: GgmlType::F32 },
+                    spec: TensorSpec {
+                        name: "a.position_embd.weight".into(),
+                        dims: vec![channels, length],
+                        dtype: GgmlType::F32,
+                    },
                     parts: vec![Part::AudioPositions { channels, length }],
                     component: Component::Audio,
                 });
@@ -417,7 +560,9 @@ fn unclaimed(ck: &Checkpoint) -> Vec<String> {
 pub fn audio_positions(channels: usize, length: usize) -> Vec<f32> {
     let half = channels / 2;
     let inc = (10000f64).ln() / (half as f64 - 1.0);
-    let inv: Vec<f32> = (0..half).map(|i| (-(inc as f32) * i as f32).exp()).collect();
+    let inv: Vec<f32> = (0..half)
+        .map(|i| (-(inc as f32) * i as f32).exp())
+        .collect();
     let mut out = Vec::with_capacity(length * channels);
     for t in 0..length {
         let row: Vec<f32> = inv.iter().map(|f| t as f32 * f).collect();
@@ -434,8 +579,10 @@ fn read_json(path: &Path) -> Result<Option<(String, Json)>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let json = serde_json::from_str(&text).with_context(|| format!("invalid JSON in {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let json = serde_json::from_str(&text)
+        .with_context(|| format!("invalid JSON in {}", path.display()))?;
     Ok(Some((text, json)))
 }
 
@@ -460,31 +607,65 @@ fn general(arch: &str, kind: &str, name: &str, t: GgmlType) -> Vec<(String, Valu
     ]
 }
 
-fn thinker_metadata(dir: &Path, cfg_text: &str, cfg: &Json, opts: &QuantizeOptions) -> Result<Vec<(String, Value)>> {
+fn thinker_metadata(
+    dir: &Path,
+    cfg_text: &str,
+    cfg: &Json,
+    opts: &QuantizeOptions,
+) -> Result<Vec<(String, Value)>> {
     let parsed = OmniConfig::from_json_str(cfg_text)?;
     let t = &parsed.thinker_config.text_config;
     let rope = t.rope()?;
     let a = THINKER_ARCH;
-    let mut m = general(a, "model", &model_name(dir), opts.type_of(Component::Thinker));
+    let mut m = general(
+        a,
+        "model",
+        &model_name(dir),
+        opts.type_of(Component::Thinker),
+    );
     let mut sections: Vec<i32> = rope.mrope_section.iter().map(|&s| s as i32).collect();
     sections.resize(4, 0);
     let kv = |k: &str, v: Value| (format!("{a}.{k}"), v);
     m.extend([
         kv("block_count", Value::U32(t.num_hidden_layers as u32)),
-        kv("context_length", Value::U32(t.max_position_embeddings.unwrap_or(65536) as u32)),
+        kv(
+            "context_length",
+            Value::U32(t.max_position_embeddings.unwrap_or(65536) as u32),
+        ),
         kv("embedding_length", Value::U32(t.hidden_size as u32)),
-        kv("feed_forward_length", Value::U32(t.intermediate_size as u32)),
-        kv("attention.head_count", Value::U32(t.num_attention_heads as u32)),
-        kv("attention.head_count_kv", Value::U32(t.num_key_value_heads as u32)),
+        kv(
+            "feed_forward_length",
+            Value::U32(t.intermediate_size as u32),
+        ),
+        kv(
+            "attention.head_count",
+            Value::U32(t.num_attention_heads as u32),
+        ),
+        kv(
+            "attention.head_count_kv",
+            Value::U32(t.num_key_value_heads as u32),
+        ),
         kv("rope.dimension_sections", Value::i32s(&sections)),
         kv("rope.freq_base", Value::F32(rope.theta as f32)),
-        kv("attention.layer_norm_rms_epsilon", Value::F32(t.rms_norm_eps as f32)),
+        kv(
+            "attention.layer_norm_rms_epsilon",
+            Value::F32(t.rms_norm_eps as f32),
+        ),
         kv("expert_count", Value::U32(t.num_experts as u32)),
-        kv("expert_used_count", Value::U32(t.num_experts_per_tok as u32)),
+        kv(
+            "expert_used_count",
+            Value::U32(t.num_experts_per_tok as u32),
+        ),
         kv("attention.key_length", Value::U32(t.head_dim() as u32)),
         kv("attention.value_length", Value::U32(t.head_dim() as u32)),
-        kv("expert_feed_forward_length", Value::U32(t.moe_intermediate_size as u32)),
-        kv("expert_shared_feed_forward_length", Value::U32(t.shared_expert_intermediate_size as u32)),
+        kv(
+            "expert_feed_forward_length",
+            Value::U32(t.moe_intermediate_size as u32),
+        ),
+        kv(
+            "expert_shared_feed_forward_length",
+            Value::U32(t.shared_expert_intermediate_size as u32),
+        ),
         kv("expert_weights_norm", Value::Bool(t.norm_topk_prob)),
         kv("n_deepstack_layers", Value::U32(0)),
     ]);
@@ -500,7 +681,10 @@ fn thinker_metadata(dir: &Path, cfg_text: &str, cfg: &Json, opts: &QuantizeOptio
             m.push(("general.sampling.temp".into(), Value::F32(p as f32)));
         }
         if let Some(p) = g.get("repetition_penalty").and_then(Json::as_f64) {
-            m.push(("general.sampling.penalty_repeat".into(), Value::F32(p as f32)));
+            m.push((
+                "general.sampling.penalty_repeat".into(),
+                Value::F32(p as f32),
+            ));
         }
     }
     m.extend(super::tokenizer::tokenizer_metadata(dir, t.vocab_size)?);
@@ -520,21 +704,38 @@ fn processor_config(dir: &Path) -> Result<Option<(String, Json)>> {
     }
 }
 
-fn mmproj_metadata(dir: &Path, cfg: &Json, opts: &QuantizeOptions, plan: &Plan) -> Result<Vec<(String, Value)>> {
+fn mmproj_metadata(
+    dir: &Path,
+    cfg: &Json,
+    opts: &QuantizeOptions,
+    plan: &Plan,
+) -> Result<Vec<(String, Value)>> {
     let t = opts.type_of(Component::Vision);
     let mut m = general(MMPROJ_ARCH, "mmproj", &model_name(dir), t);
-    let text = cfg.pointer("/thinker_config/text_config").context("config.json: thinker_config.text_config")?;
+    let text = cfg
+        .pointer("/thinker_config/text_config")
+        .context("config.json: thinker_config.text_config")?;
     let proc = processor_config(dir)?;
-    let image = proc.as_ref().map(|(_, j)| j.get("image_processor").unwrap_or(j).clone());
-    let has_vision = plan.tensors.iter().any(|p| p.component == Component::Vision);
+    let image = proc
+        .as_ref()
+        .map(|(_, j)| j.get("image_processor").unwrap_or(j).clone());
+    let has_vision = plan
+        .tensors
+        .iter()
+        .any(|p| p.component == Component::Vision);
     let has_audio = plan.tensors.iter().any(|p| p.component == Component::Audio);
     m.push(("clip.has_vision_encoder".into(), Value::Bool(has_vision)));
     if has_vision {
-        let v = cfg.pointer("/thinker_config/vision_config").context("config.json: thinker_config.vision_config")?;
+        let v = cfg
+            .pointer("/thinker_config/vision_config")
+            .context("config.json: thinker_config.vision_config")?;
         let depth = u(v.get("depth")).context("vision_config.depth")?;
         let patch = u(v.get("patch_size")).unwrap_or(16);
         let image_size = u(v.get("image_size")).unwrap_or_else(|| {
-            let n = v.get("num_position_embeddings").and_then(Json::as_f64).unwrap_or(2304.0);
+            let n = v
+                .get("num_position_embeddings")
+                .and_then(Json::as_f64)
+                .unwrap_or(2304.0);
             (n.sqrt() as u32) * patch
         });
         let floats = |key: &str| -> Vec<f32> {
@@ -542,13 +743,23 @@ fn mmproj_metadata(dir: &Path, cfg: &Json, opts: &QuantizeOptions, plan: &Plan) 
                 .as_ref()
                 .and_then(|j| j.get(key))
                 .and_then(Json::as_array)
-                .map(|a| a.iter().filter_map(Json::as_f64).map(|x| x as f32).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Json::as_f64)
+                        .map(|x| x as f32)
+                        .collect()
+                })
                 .unwrap_or_else(|| vec![0.5, 0.5, 0.5])
         };
         let ds: Vec<u32> = v
             .get("deepstack_visual_indexes")
             .and_then(Json::as_array)
-            .map(|a| a.iter().filter_map(Json::as_u64).map(|x| x as u32).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Json::as_u64)
+                    .map(|x| x as u32)
+                    .collect()
+            })
             .unwrap_or_default();
         let mut is_ds = vec![false; depth as usize];
         for &i in &ds {
@@ -557,35 +768,106 @@ fn mmproj_metadata(dir: &Path, cfg: &Json, opts: &QuantizeOptions, plan: &Plan) 
             }
         }
         m.extend([
-            ("clip.vision.projection_dim".into(), Value::U32(u(v.get("out_hidden_size")).context("vision_config.out_hidden_size")?)),
+            (
+                "clip.vision.projection_dim".into(),
+                Value::U32(u(v.get("out_hidden_size")).context("vision_config.out_hidden_size")?),
+            ),
             ("clip.vision.image_size".into(), Value::U32(image_size)),
             ("clip.vision.patch_size".into(), Value::U32(patch)),
-            ("clip.vision.embedding_length".into(), Value::U32(u(v.get("hidden_size")).context("vision_config.hidden_size")?)),
-            ("clip.vision.feed_forward_length".into(), Value::U32(u(v.get("intermediate_size")).context("vision_config.intermediate_size")?)),
+            (
+                "clip.vision.embedding_length".into(),
+                Value::U32(u(v.get("hidden_size")).context("vision_config.hidden_size")?),
+            ),
+            (
+                "clip.vision.feed_forward_length".into(),
+                Value::U32(
+                    u(v.get("intermediate_size")).context("vision_config.intermediate_size")?,
+                ),
+            ),
             ("clip.vision.block_count".into(), Value::U32(depth)),
-            ("clip.vision.attention.head_count".into(), Value::U32(u(v.get("num_heads")).context("vision_config.num_heads")?)),
-            ("clip.vision.image_mean".into(), Value::f32s(&floats("image_mean"))),
-            ("clip.vision.image_std".into(), Value::f32s(&floats("image_std"))),
+            (
+                "clip.vision.attention.head_count".into(),
+                Value::U32(u(v.get("num_heads")).context("vision_config.num_heads")?),
+            ),
+            (
+                "clip.vision.image_mean".into(),
+                Value::f32s(&floats("image_mean")),
+            ),
+            (
+                "clip.vision.image_std".into(),
+                Value::f32s(&floats("image_std")),
+            ),
         ]);
-        m.push(("clip.vision.spatial_merge_size".into(), Value::U32(u(v.get("spatial_merge_size")).unwrap_or(2))));
-        let eps = text.get("rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6);
-        m.push(("clip.vision.attention.layer_norm_epsilon".into(), Value::F32(eps as f32)));
-        m.push(("clip.vision.is_deepstack_layers".into(), Value::bools(&is_ds)));
-        m.push(("clip.vision.projector_type".into(), Value::String("qwen3vl_merger".into())));
-        m.push(("omni.vision.deepstack_visual_indexes".into(), Value::u32s(&ds)));
+        m.push((
+            "clip.vision.spatial_merge_size".into(),
+            Value::U32(u(v.get("spatial_merge_size")).unwrap_or(2)),
+        ));
+        let eps = text
+            .get("rms_norm_eps")
+            .and_then(Json::as_f64)
+            .unwrap_or(1e-6);
+        m.push((
+            "clip.vision.attention.layer_norm_epsilon".into(),
+            Value::F32(eps as f32),
+        ));
+        m.push((
+            "clip.vision.is_deepstack_layers".into(),
+            Value::bools(&is_ds),
+        ));
+        m.push((
+            "clip.vision.projector_type".into(),
+            Value::String("qwen3vl_merger".into()),
+        ));
+        m.push((
+            "omni.vision.deepstack_visual_indexes".into(),
+            Value::u32s(&ds),
+        ));
     }
     m.push(("clip.has_audio_encoder".into(), Value::Bool(has_audio)));
     if has_audio {
-        let a = cfg.pointer("/thinker_config/audio_config").context("config.json: thinker_config.audio_config")?;
+        let a = cfg
+            .pointer("/thinker_config/audio_config")
+            .context("config.json: thinker_config.audio_config")?;
         m.extend([
-            ("clip.audio.projection_dim".into(), Value::U32(u(a.get("output_dim")).context("audio_config.output_dim")?)),
-            ("clip.audio.embedding_length".into(), Value::U32(u(a.get("d_model")).context("audio_config.d_model")?)),
-            ("clip.audio.feed_forward_length".into(), Value::U32(u(a.get("encoder_ffn_dim")).context("audio_config.encoder_ffn_dim")?)),
-            ("clip.audio.block_count".into(), Value::U32(u(a.get("encoder_layers")).context("audio_config.encoder_layers")?)),
-            ("clip.audio.attention.head_count".into(), Value::U32(u(a.get("encoder_attention_heads")).context("audio_config.encoder_attention_heads")?)),
-            ("clip.audio.num_mel_bins".into(), Value::U32(u(a.get("num_mel_bins")).unwrap_or(128))),
-            ("clip.audio.attention.layer_norm_epsilon".into(), Value::F32(a.get("layer_norm_eps").and_then(Json::as_f64).unwrap_or(1e-5) as f32)),
-            ("clip.audio.projector_type".into(), Value::String("qwen3a".into())),
+            (
+                "clip.audio.projection_dim".into(),
+                Value::U32(u(a.get("output_dim")).context("audio_config.output_dim")?),
+            ),
+            (
+                "clip.audio.embedding_length".into(),
+                Value::U32(u(a.get("d_model")).context("audio_config.d_model")?),
+            ),
+            (
+                "clip.audio.feed_forward_length".into(),
+                Value::U32(u(a.get("encoder_ffn_dim")).context("audio_config.encoder_ffn_dim")?),
+            ),
+            (
+                "clip.audio.block_count".into(),
+                Value::U32(u(a.get("encoder_layers")).context("audio_config.encoder_layers")?),
+            ),
+            (
+                "clip.audio.attention.head_count".into(),
+                Value::U32(
+                    u(a.get("encoder_attention_heads"))
+                        .context("audio_config.encoder_attention_heads")?,
+                ),
+            ),
+            (
+                "clip.audio.num_mel_bins".into(),
+                Value::U32(u(a.get("num_mel_bins")).unwrap_or(128)),
+            ),
+            (
+                "clip.audio.attention.layer_norm_epsilon".into(),
+                Value::F32(
+                    a.get("layer_norm_eps")
+                        .and_then(Json::as_f64)
+                        .unwrap_or(1e-5) as f32,
+                ),
+            ),
+            (
+                "clip.audio.projector_type".into(),
+                Value::String("qwen3a".into()),
+            ),
         ]);
     }
     m.push(("clip.use_gelu".into(), Value::Bool(true)));
@@ -595,8 +877,18 @@ fn mmproj_metadata(dir: &Path, cfg: &Json, opts: &QuantizeOptions, plan: &Plan) 
     Ok(m)
 }
 
-fn talker_metadata(dir: &Path, cfg_text: &str, cfg: &Json, opts: &QuantizeOptions) -> Result<Vec<(String, Value)>> {
-    let mut m = general(TALKER_ARCH, "model", &model_name(dir), opts.type_of(Component::Talker));
+fn talker_metadata(
+    dir: &Path,
+    cfg_text: &str,
+    cfg: &Json,
+    opts: &QuantizeOptions,
+) -> Result<Vec<(String, Value)>> {
+    let mut m = general(
+        TALKER_ARCH,
+        "model",
+        &model_name(dir),
+        opts.type_of(Component::Talker),
+    );
     m.push(("omni.format_version".into(), Value::U32(1)));
     if let Some(t) = cfg.get("talker_config") {
         let tc = t.get("text_config").cloned().unwrap_or_default();
@@ -618,32 +910,57 @@ fn talker_metadata(dir: &Path, cfg_text: &str, cfg: &Json, opts: &QuantizeOption
         push_u("code_predictor.block_count", u(cp.get("num_hidden_layers")));
         push_u("code_predictor.embedding_length", u(cp.get("hidden_size")));
         push_u("code_predictor.vocab_size", u(cp.get("vocab_size")));
-        for id in ["codec_pad_id", "codec_bos_id", "codec_eos_token_id", "codec_nothink_id", "codec_think_bos_id", "codec_think_eos_id"] {
+        for id in [
+            "codec_pad_id",
+            "codec_bos_id",
+            "codec_eos_token_id",
+            "codec_nothink_id",
+            "codec_think_bos_id",
+            "codec_think_eos_id",
+        ] {
             push_u(id, u(t.get(id)));
         }
         if let Some(speakers) = t.get("speaker_id").and_then(Json::as_object) {
             let names: Vec<&str> = speakers.keys().map(String::as_str).collect();
-            let ids: Vec<u32> = speakers.values().filter_map(|v| v.as_u64()).map(|v| v as u32).collect();
+            let ids: Vec<u32> = speakers
+                .values()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect();
             m.push(("omni.talker.speaker_names".into(), Value::strings(&names)));
             m.push(("omni.talker.speaker_ids".into(), Value::u32s(&ids)));
         }
     }
     if let Some(c) = cfg.get("code2wav_config") {
         let p = "omni.code2wav.";
-        for k in ["num_hidden_layers", "hidden_size", "num_quantizers", "codebook_size", "decoder_dim", "sliding_window"] {
+        for k in [
+            "num_hidden_layers",
+            "hidden_size",
+            "num_quantizers",
+            "codebook_size",
+            "decoder_dim",
+            "sliding_window",
+        ] {
             if let Some(v) = u(c.get(k)) {
                 m.push((format!("{p}{k}"), Value::U32(v)));
             }
         }
         for k in ["upsample_rates", "upsampling_ratios"] {
             if let Some(a) = c.get(k).and_then(Json::as_array) {
-                let v: Vec<u32> = a.iter().filter_map(Json::as_u64).map(|x| x as u32).collect();
+                let v: Vec<u32> = a
+                    .iter()
+                    .filter_map(Json::as_u64)
+                    .map(|x| x as u32)
+                    .collect();
                 m.push((format!("{p}{k}"), Value::u32s(&v)));
             }
         }
     }
     for c in [Component::Talker, Component::Code2Wav] {
-        m.push((format!("omni.{}.type", c.name()), Value::String(opts.type_of(c).name().into())));
+        m.push((
+            format!("omni.{}.type", c.name()),
+            Value::String(opts.type_of(c).name().into()),
+        ));
     }
     m.push((KEY_CONFIG.into(), Value::String(cfg_text.to_string())));
     Ok(m)
@@ -670,18 +987,40 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
-fn write_file(ck: &Checkpoint, plan: &Plan, meta: &[(String, Value)], path: &Path, progress: &mut dyn QuantizeProgress) -> Result<u64> {
+fn write_file(
+    ck: &Checkpoint,
+    plan: &Plan,
+    meta: &[(String, Value)],
+    path: &Path,
+    progress: &mut dyn QuantizeProgress,
+) -> Result<u64> {
     let specs: Vec<TensorSpec> = plan.tensors.iter().map(|t| t.spec.clone()).collect();
     let total: u64 = specs.iter().map(|s| s.size_in_bytes() as u64).sum();
     let mut w = GgufWriter::create(path, meta, specs)?;
-    progress.start(path.file_name().and_then(|n| n.to_str()).unwrap_or("gguf"), total);
+    progress.start(
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("gguf"),
+        total,
+    );
     let mut done = 0u64;
     let mut buf = Vec::new();
     for t in &plan.tensors {
         for part in &t.parts {
             check_interrupt()?;
+            if let Part::Tensor { hf, slice: None } = part {
+                // Whole rows, ~4M values at a time.
+                ck.read_f32_chunks(hf, 1 << 22, &mut |values| {
+                    buf.clear();
+                    quant::encode(values, t.spec.dtype, &mut buf)
+                        .with_context(|| format!("tensor `{}`", t.spec.name))?;
+                    w.write(&buf)?;
+                    done += buf.len() as u64;
+                    progress.advance(done);
+                    Ok(())
+                })?;
+                continue;
+            }
             let values = match part {
-                Part::Tensor { hf, slice: None } => ck.read_f32(hf)?,
+                Part::Tensor { hf: _, slice: None } => unreachable!(),
                 Part::Tensor { hf, slice: Some(s) } => {
                     let shape = ck.shape(hf).unwrap();
                     let all = ck.read_f32(hf)?;
@@ -696,7 +1035,8 @@ fn write_file(ck: &Checkpoint, plan: &Plan, meta: &[(String, Value)], path: &Pat
                 Part::AudioPositions { channels, length } => audio_positions(*channels, *length),
             };
             buf.clear();
-            quant::encode(&values, t.spec.dtype, &mut buf).with_context(|| format!("tensor `{}`", t.spec.name))?;
+            quant::encode(&values, t.spec.dtype, &mut buf)
+                .with_context(|| format!("tensor `{}`", t.spec.name))?;
             w.write(&buf)?;
             done += buf.len() as u64;
             progress.advance(done);
@@ -708,11 +1048,16 @@ fn write_file(ck: &Checkpoint, plan: &Plan, meta: &[(String, Value)], path: &Pat
 }
 
 /// Writes the GGUF files of the checkpoint in `opts.model_dir` to `opts.out_dir`.
-pub fn quantize(opts: &QuantizeOptions, progress: &mut dyn QuantizeProgress) -> Result<Vec<WrittenFile>> {
+pub fn quantize(
+    opts: &QuantizeOptions,
+    progress: &mut dyn QuantizeProgress,
+) -> Result<Vec<WrittenFile>> {
     let dir = &opts.model_dir;
     let cfg_path = dir.join("config.json");
-    let cfg_text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
-    OmniConfig::from_json_str(&cfg_text).with_context(|| format!("invalid model config {}", cfg_path.display()))?;
+    let cfg_text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    OmniConfig::from_json_str(&cfg_text)
+        .with_context(|| format!("invalid model config {}", cfg_path.display()))?;
     let cfg: Json = serde_json::from_str(&cfg_text)?;
     let ck = Checkpoint::open(dir)?;
     let stray = unclaimed(&ck);
@@ -722,8 +1067,13 @@ pub fn quantize(opts: &QuantizeOptions, progress: &mut dyn QuantizeProgress) -> 
             stray.len()
         );
     }
-    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
-    let kinds: Vec<FileKind> = if opts.files.is_empty() { FileKind::ALL.to_vec() } else { opts.files.clone() };
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
+    let kinds: Vec<FileKind> = if opts.files.is_empty() {
+        FileKind::ALL.to_vec()
+    } else {
+        opts.files.clone()
+    };
     let type_name = opts.default_type.name();
     let mut temps = TempFiles(Vec::new());
     let mut written = Vec::new();
@@ -741,9 +1091,19 @@ pub fn quantize(opts: &QuantizeOptions, progress: &mut dyn QuantizeProgress) -> 
             FileKind::Talker => talker_metadata(dir, &cfg_text, &cfg, opts)?,
         };
         let mut meta = meta;
-        meta.insert(3, ("general.size_label".into(), Value::String(size_label(&plan))));
-        let final_path = opts.out_dir.join(format!("{}-{type_name}.gguf", kind.stem()));
-        let temp = opts.out_dir.join(format!(".{}-{type_name}.gguf.partial", kind.stem()));
+        meta.insert(
+            3,
+            (
+                "general.size_label".into(),
+                Value::String(size_label(&plan)),
+            ),
+        );
+        let final_path = opts
+            .out_dir
+            .join(format!("{}-{type_name}.gguf", kind.stem()));
+        let temp = opts
+            .out_dir
+            .join(format!(".{}-{type_name}.gguf.partial", kind.stem()));
         temps.0.push(temp.clone());
         let bytes = write_file(&ck, &plan, &meta, &temp, progress)?;
         let mut types: BTreeMap<&'static str, usize> = BTreeMap::new();
@@ -752,18 +1112,31 @@ pub fn quantize(opts: &QuantizeOptions, progress: &mut dyn QuantizeProgress) -> 
         }
         let _ = bytes;
         let size = std::fs::metadata(&temp)?.len();
-        written.push((temp, WrittenFile { kind: plan.kind, path: final_path, bytes: size, tensors: plan.tensors.len(), types }));
+        written.push((
+            temp,
+            WrittenFile {
+                kind: plan.kind,
+                path: final_path,
+                bytes: size,
+                tensors: plan.tensors.len(),
+                types,
+            },
+        ));
     }
     check_interrupt()?;
     for (temp, w) in &written {
-        std::fs::rename(temp, &w.path).with_context(|| format!("cannot rename {} to {}", temp.display(), w.path.display()))?;
+        std::fs::rename(temp, &w.path)
+            .with_context(|| format!("cannot rename {} to {}", temp.display(), w.path.display()))?;
     }
     temps.0.clear();
     Ok(written.into_iter().map(|(_, w)| w).collect())
 }
 
 /// Per-tensor summary of a plan (name, ggml dims, type), for docs and size checks.
-pub fn planned_tensors(model_dir: &Path, opts: &QuantizeOptions) -> Result<HashMap<FileKind, Vec<TensorSpec>>> {
+pub fn planned_tensors(
+    model_dir: &Path,
+    opts: &QuantizeOptions,
+) -> Result<HashMap<FileKind, Vec<TensorSpec>>> {
     let cfg_text = std::fs::read_to_string(model_dir.join("config.json"))?;
     let cfg: Json = serde_json::from_str(&cfg_text)?;
     let ck = Checkpoint::open(model_dir)?;

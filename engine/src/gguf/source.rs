@@ -51,7 +51,9 @@ impl GgufSource {
         for (fi, sf) in files.iter().enumerate() {
             for (ti, info) in sf.file.tensors().iter().enumerate() {
                 let Some((rule, caps)) = gguf_rule(sf.kind, &info.name) else {
-                    if !(sf.kind == FileKind::Mmproj && MMPROJ_GENERATED.contains(&info.name.as_str())) {
+                    if !(sf.kind == FileKind::Mmproj
+                        && MMPROJ_GENERATED.contains(&info.name.as_str()))
+                    {
                         unmapped.push(format!("{}: {}", sf.file.path().display(), info.name));
                     }
                     continue;
@@ -60,20 +62,51 @@ impl GgufSource {
                 match rule.layout {
                     Layout::Plain => {
                         let hf = fill(rule.hf, caps)?;
-                        insert(&mut entries, hf, Entry { file: fi, layout: rule.layout, parts: vec![ti], index: None, shape: torch })?;
+                        insert(
+                            &mut entries,
+                            hf,
+                            Entry {
+                                file: fi,
+                                layout: rule.layout,
+                                parts: vec![ti],
+                                index: None,
+                                shape: torch,
+                            },
+                        )?;
                     }
                     Layout::Bias3d => {
                         let hf = fill(rule.hf, caps)?;
                         let shape = vec![info.elements()];
-                        insert(&mut entries, hf, Entry { file: fi, layout: rule.layout, parts: vec![ti], index: None, shape })?;
+                        insert(
+                            &mut entries,
+                            hf,
+                            Entry {
+                                file: fi,
+                                layout: rule.layout,
+                                parts: vec![ti],
+                                index: None,
+                                shape,
+                            },
+                        )?;
                     }
                     Layout::Stacked => {
                         if torch.len() < 2 {
-                            bail!("{}: stacked tensor `{}` has {} dimension(s)", sf.file.path().display(), info.name, torch.len());
+                            bail!(
+                                "{}: stacked tensor `{}` has {} dimension(s)",
+                                sf.file.path().display(),
+                                info.name,
+                                torch.len()
+                            );
                         }
                         for e in 0..torch[0] {
                             let hf = fill(rule.hf, Captures { e: Some(e), ..caps })?;
-                            let entry = Entry { file: fi, layout: rule.layout, parts: vec![ti], index: Some(e), shape: torch[1..].to_vec() };
+                            let entry = Entry {
+                                file: fi,
+                                layout: rule.layout,
+                                parts: vec![ti],
+                                index: Some(e),
+                                shape: torch[1..].to_vec(),
+                            };
                             insert(&mut entries, hf, entry)?;
                         }
                     }
@@ -91,24 +124,39 @@ impl GgufSource {
                         }
                         entry.parts[t] = ti;
                         if torch.len() != 4 {
-                            bail!("{}: `{}` should be a 4-D conv kernel slice", sf.file.path().display(), info.name);
+                            bail!(
+                                "{}: `{}` should be a 4-D conv kernel slice",
+                                sf.file.path().display(),
+                                info.name
+                            );
                         }
-                        entry.shape = vec![torch[0], torch[1], entry.parts.len(), torch[2], torch[3]];
+                        entry.shape =
+                            vec![torch[0], torch[1], entry.parts.len(), torch[2], torch[3]];
                     }
                 }
             }
         }
         for (name, e) in &entries {
             if e.parts.contains(&usize::MAX) {
-                bail!("{}: `{name}` is missing one of its temporal slices", files[e.file].file.path().display());
+                bail!(
+                    "{}: `{name}` is missing one of its temporal slices",
+                    files[e.file].file.path().display()
+                );
             }
         }
-        Ok(Self { files, entries, unmapped })
+        Ok(Self {
+            files,
+            entries,
+            unmapped,
+        })
     }
 
     /// Opens one file of a known kind.
     pub fn open(kind: FileKind, path: &Path) -> Result<Self> {
-        Self::new(vec![SourceFile { kind, file: GgufFile::open(path)? }])
+        Self::new(vec![SourceFile {
+            kind,
+            file: GgufFile::open(path)?,
+        }])
     }
 
     pub fn files(&self) -> &[SourceFile] {
@@ -138,7 +186,9 @@ impl GgufSource {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.entries.get(name).with_context(|| format!("tensor `{name}` is not in the GGUF files"))
+        self.entries
+            .get(name)
+            .with_context(|| format!("tensor `{name}` is not in the GGUF files"))
     }
 
     fn info(&self, e: &Entry, part: usize) -> &TensorInfo {
@@ -154,7 +204,9 @@ impl GgufSource {
     /// The GGUF tensor(s) that hold `name`, for messages.
     pub fn gguf_names(&self, name: &str) -> Vec<String> {
         match self.entries.get(name) {
-            Some(e) => (0..e.parts.len()).map(|p| self.info(e, p).name.clone()).collect(),
+            Some(e) => (0..e.parts.len())
+                .map(|p| self.info(e, p).name.clone())
+                .collect(),
             None => Vec::new(),
         }
     }
@@ -183,7 +235,10 @@ impl GgufSource {
             let (offset, len) = self.range(e, p);
             let count = len / info.dtype.type_size() * info.dtype.block_size();
             let bytes = &file.map()[offset..offset + len];
-            slices.push(quant::decode(bytes, info.dtype, count).with_context(|| format!("tensor `{}`", info.name))?);
+            slices.push(
+                quant::decode(bytes, info.dtype, count)
+                    .with_context(|| format!("tensor `{}`", info.name))?,
+            );
             file.release_range(offset, len);
         }
         if let Layout::TemporalSlice(_) = e.layout {
@@ -211,12 +266,26 @@ impl GgufSource {
     pub fn qmatrix(&self, name: &str) -> Result<Option<QTensor>> {
         let e = self.entry(name)?;
         let info = self.info(e, 0);
-        if !info.dtype.is_quantized() || e.shape.len() != 2 || !matches!(e.layout, Layout::Plain | Layout::Stacked) {
+        if !info.dtype.is_quantized()
+            || e.shape.len() != 2
+            || !matches!(e.layout, Layout::Plain | Layout::Stacked)
+        {
             return Ok(None);
         }
         let (offset, _) = self.range(e, 0);
-        let q = mapped_qtensor(self.files[e.file].file.map().clone(), offset, info.dtype, &e.shape)
-            .with_context(|| format!("tensor `{}` of {}", info.name, self.files[e.file].file.path().display()))?;
+        let q = mapped_qtensor(
+            self.files[e.file].file.map().clone(),
+            offset,
+            info.dtype,
+            &e.shape,
+        )
+        .with_context(|| {
+            format!(
+                "tensor `{}` of {}",
+                info.name,
+                self.files[e.file].file.path().display()
+            )
+        })?;
         Ok(Some(q))
     }
 }

@@ -34,12 +34,22 @@ impl<T: GgmlType> MappedBlocks<T> {
         if (map.as_ptr() as usize + offset) % std::mem::align_of::<T>() != 0 {
             bail!("tensor data at offset {offset} is not aligned for its block type");
         }
-        Ok(Self { map, offset, n_blocks, _t: PhantomData })
+        Ok(Self {
+            map,
+            offset,
+            n_blocks,
+            _t: PhantomData,
+        })
     }
 
     fn blocks(&self) -> &[T] {
         // SAFETY: bounds and alignment were checked in `new`; block types are plain data.
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.offset) as *const T, self.n_blocks) }
+        unsafe {
+            std::slice::from_raw_parts(
+                self.map.as_ptr().add(self.offset) as *const T,
+                self.n_blocks,
+            )
+        }
     }
 }
 
@@ -48,21 +58,43 @@ impl<T: GgmlType + Send + Sync> QuantizedType for MappedBlocks<T> {
         T::DTYPE
     }
 
-    fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> candle_core::Result<()> {
+    fn matmul_t(
+        &self,
+        mkn: (usize, usize, usize),
+        lhs: &[f32],
+        dst: &mut [f32],
+    ) -> candle_core::Result<()> {
         k_quants::matmul(mkn, lhs, self.blocks(), dst)
     }
 
-    fn matmul_t_f16(&self, mkn: (usize, usize, usize), lhs: &[f16], dst: &mut [f16]) -> candle_core::Result<()> {
+    fn matmul_t_f16(
+        &self,
+        mkn: (usize, usize, usize),
+        lhs: &[f16],
+        dst: &mut [f16],
+    ) -> candle_core::Result<()> {
         k_quants::matmul_f16(mkn, lhs, self.blocks(), dst)
     }
 
-    fn embedding(&self, ids: &[u32], rows: usize, hidden: usize) -> candle_core::Result<CpuStorage> {
+    fn embedding(
+        &self,
+        ids: &[u32],
+        rows: usize,
+        hidden: usize,
+    ) -> candle_core::Result<CpuStorage> {
         if hidden % T::BLCK_SIZE != 0 {
-            candle_core::bail!("quantized embedding width {hidden} is not a multiple of {}", T::BLCK_SIZE)
+            candle_core::bail!(
+                "quantized embedding width {hidden} is not a multiple of {}",
+                T::BLCK_SIZE
+            )
         }
         let row_blocks = hidden / T::BLCK_SIZE;
         if self.n_blocks != rows * row_blocks {
-            candle_core::bail!("quantized embedding has {} blocks, expected {}", self.n_blocks, rows * row_blocks)
+            candle_core::bail!(
+                "quantized embedding has {} blocks, expected {}",
+                self.n_blocks,
+                rows * row_blocks
+            )
         }
         let blocks = self.blocks();
         let mut out = vec![0f32; ids.len() * hidden];
@@ -71,7 +103,10 @@ impl<T: GgmlType + Send + Sync> QuantizedType for MappedBlocks<T> {
             if row >= rows {
                 candle_core::bail!("token id {row} is outside the embedding of {rows} rows")
             }
-            T::to_float(&blocks[row * row_blocks..(row + 1) * row_blocks], &mut out[i * hidden..(i + 1) * hidden]);
+            T::to_float(
+                &blocks[row * row_blocks..(row + 1) * row_blocks],
+                &mut out[i * hidden..(i + 1) * hidden],
+            );
         }
         Ok(CpuStorage::F32(out))
     }
@@ -107,17 +142,26 @@ impl<T: GgmlType + Send + Sync> QuantizedType for MappedBlocks<T> {
     }
 }
 
-fn boxed<T: GgmlType + Send + Sync + 'static>(map: Arc<Mmap>, offset: usize, n_blocks: usize) -> Result<Box<dyn QuantizedType>> {
+fn boxed<T: GgmlType + Send + Sync + 'static>(
+    map: Arc<Mmap>,
+    offset: usize,
+    n_blocks: usize,
+) -> Result<Box<dyn QuantizedType>> {
     Ok(Box::new(MappedBlocks::<T>::new(map, offset, n_blocks)?))
 }
 
 /// A `QTensor` of PyTorch shape `shape` (`[rows, row_len]` for a matrix) over `map[offset..]`.
-pub fn mapped_qtensor(map: Arc<Mmap>, offset: usize, dtype: FileType, shape: &[usize]) -> Result<QTensor> {
+pub fn mapped_qtensor(
+    map: Arc<Mmap>,
+    offset: usize,
+    dtype: FileType,
+    shape: &[usize],
+) -> Result<QTensor> {
     let elements: usize = shape.iter().product();
     let n_blocks = elements / dtype.block_size();
     use k_quants::{
-        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0,
-        BlockQ8_1,
+        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+        BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1,
     };
     let storage = match dtype {
         FileType::Q4_0 => boxed::<BlockQ4_0>(map, offset, n_blocks)?,
@@ -132,7 +176,10 @@ pub fn mapped_qtensor(map: Arc<Mmap>, offset: usize, dtype: FileType, shape: &[u
         FileType::Q5K => boxed::<BlockQ5K>(map, offset, n_blocks)?,
         FileType::Q6K => boxed::<BlockQ6K>(map, offset, n_blocks)?,
         FileType::Q8K => boxed::<BlockQ8K>(map, offset, n_blocks)?,
-        other => bail!("{} tensors are loaded as dense f32, not mapped", other.name()),
+        other => bail!(
+            "{} tensors are loaded as dense f32, not mapped",
+            other.name()
+        ),
     };
     Ok(QTensor::new(QStorage::Cpu(storage), shape)?)
 }

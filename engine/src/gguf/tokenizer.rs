@@ -21,7 +21,8 @@ pub const TOKEN_UNUSED: i32 = 5;
 pub const QWEN2_SPLIT: &str = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
 fn read_json(path: &Path) -> Result<Json> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("invalid JSON in {}", path.display()))
 }
 
@@ -40,7 +41,10 @@ pub fn checkpoint_chat_template(dir: &Path) -> Result<Option<String>> {
     let alt = if jinja.exists() {
         Some(std::fs::read_to_string(&jinja)?)
     } else if dir.join("chat_template.json").exists() {
-        read_json(&dir.join("chat_template.json"))?.get("chat_template").and_then(Json::as_str).map(str::to_string)
+        read_json(&dir.join("chat_template.json"))?
+            .get("chat_template")
+            .and_then(Json::as_str)
+            .map(str::to_string)
     } else {
         None
     };
@@ -59,33 +63,65 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
     let tj = read_json(&tj_path)?;
     let model = tj.get("model").context("tokenizer.json has no `model`")?;
     if model.get("type").and_then(Json::as_str) != Some("BPE") {
-        bail!("{}: only byte-level BPE tokenizers can be written to GGUF", tj_path.display());
+        bail!(
+            "{}: only byte-level BPE tokenizers can be written to GGUF",
+            tj_path.display()
+        );
     }
     let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
     let mut types = vec![TOKEN_UNUSED; vocab_size];
-    let vocab = model.get("vocab").and_then(Json::as_object).context("tokenizer.json: model.vocab")?;
+    let vocab = model
+        .get("vocab")
+        .and_then(Json::as_object)
+        .context("tokenizer.json: model.vocab")?;
     for (tok, id) in vocab {
-        let id = id.as_u64().context("tokenizer.json: vocab ids must be integers")? as usize;
+        let id = id
+            .as_u64()
+            .context("tokenizer.json: vocab ids must be integers")? as usize;
         if id >= vocab_size {
-            bail!("{}: token id {id} is outside the model's vocabulary of {vocab_size}", tj_path.display());
+            bail!(
+                "{}: token id {id} is outside the model's vocabulary of {vocab_size}",
+                tj_path.display()
+            );
         }
         tokens[id] = Some(tok.clone());
         types[id] = TOKEN_NORMAL;
     }
     let mut added: Vec<(usize, String)> = Vec::new();
-    for a in tj.get("added_tokens").and_then(Json::as_array).map(Vec::as_slice).unwrap_or(&[]) {
-        let id = a.get("id").and_then(Json::as_u64).context("tokenizer.json: added token id")? as usize;
-        let content = a.get("content").and_then(Json::as_str).context("tokenizer.json: added token content")?;
+    for a in tj
+        .get("added_tokens")
+        .and_then(Json::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
+        let id = a
+            .get("id")
+            .and_then(Json::as_u64)
+            .context("tokenizer.json: added token id")? as usize;
+        let content = a
+            .get("content")
+            .and_then(Json::as_str)
+            .context("tokenizer.json: added token content")?;
         if id >= vocab_size {
-            bail!("{}: added token {content:?} has id {id}, outside the vocabulary of {vocab_size}", tj_path.display());
+            bail!(
+                "{}: added token {content:?} has id {id}, outside the vocabulary of {vocab_size}",
+                tj_path.display()
+            );
         }
         let special = a.get("special").and_then(Json::as_bool).unwrap_or(false);
         tokens[id] = Some(content.to_string());
-        types[id] = if special || looks_special(content) { TOKEN_CONTROL } else { TOKEN_USER_DEFINED };
+        types[id] = if special || looks_special(content) {
+            TOKEN_CONTROL
+        } else {
+            TOKEN_USER_DEFINED
+        };
         added.push((id, content.to_string()));
     }
-    let tokens: Vec<String> =
-        tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]")))
+        .collect();
     let merges: Vec<String> = model
         .get("merges")
         .and_then(Json::as_array)
@@ -93,19 +129,32 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
             m.iter()
                 .map(|x| match x {
                     Json::String(s) => Ok(s.clone()),
-                    Json::Array(p) if p.len() == 2 => {
-                        Ok(format!("{} {}", p[0].as_str().unwrap_or_default(), p[1].as_str().unwrap_or_default()))
-                    }
+                    Json::Array(p) if p.len() == 2 => Ok(format!(
+                        "{} {}",
+                        p[0].as_str().unwrap_or_default(),
+                        p[1].as_str().unwrap_or_default()
+                    )),
                     _ => bail!("tokenizer.json: a merge is neither \"a b\" nor [a, b]"),
                 })
                 .collect::<Result<Vec<_>>>()
         })
         .transpose()?
         .unwrap_or_default();
-    let id_of = |content: &str| added.iter().find(|(_, c)| c == content).map(|(i, _)| *i as u32);
+    let id_of = |content: &str| {
+        added
+            .iter()
+            .find(|(_, c)| c == content)
+            .map(|(i, _)| *i as u32)
+    };
     let mut meta = vec![
-        ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".to_string(), Value::String("qwen2".into())),
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            Value::String("qwen2".into()),
+        ),
         ("tokenizer.ggml.tokens".to_string(), Value::strings(&tokens)),
         ("tokenizer.ggml.token_type".to_string(), Value::i32s(&types)),
         ("tokenizer.ggml.merges".to_string(), Value::strings(&merges)),
@@ -116,7 +165,11 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
         meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(im_end)));
     }
     let tc_path = dir.join("tokenizer_config.json");
-    let tc = if tc_path.exists() { read_json(&tc_path)? } else { json!({}) };
+    let tc = if tc_path.exists() {
+        read_json(&tc_path)?
+    } else {
+        json!({})
+    };
     let pad = match tc.get("pad_token") {
         Some(Json::String(s)) => Some(s.clone()),
         Some(Json::Object(o)) => o.get("content").and_then(Json::as_str).map(str::to_string),
@@ -127,7 +180,11 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
     }
     meta.push((
         "tokenizer.ggml.add_bos_token".into(),
-        Value::Bool(tc.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false)),
+        Value::Bool(
+            tc.get("add_bos_token")
+                .and_then(Json::as_bool)
+                .unwrap_or(false),
+        ),
     ));
     if let Some(t) = checkpoint_chat_template(dir)? {
         meta.push(("tokenizer.chat_template".into(), Value::String(t)));
@@ -136,23 +193,41 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
 }
 
 fn string_list<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
-    let items = f.get(key).and_then(Value::as_array).with_context(|| format!("{}: `{key}` is missing", f.path().display()))?;
-    items.iter().map(|v| v.as_str().with_context(|| format!("{}: `{key}` must hold strings", f.path().display()))).collect()
+    let items = f
+        .get(key)
+        .and_then(Value::as_array)
+        .with_context(|| format!("{}: `{key}` is missing", f.path().display()))?;
+    items
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .with_context(|| format!("{}: `{key}` must hold strings", f.path().display()))
+        })
+        .collect()
 }
 
 /// A `tokenizer.json` equivalent to a GGUF file's `tokenizer.ggml.*` metadata (gpt2 BPE).
 pub fn tokenizer_json(f: &GgufFile) -> Result<String> {
     let model = f.get_str("tokenizer.ggml.model").unwrap_or("");
     if model != "gpt2" {
-        bail!("{}: tokenizer.ggml.model is {model:?}; only byte-level BPE (gpt2) is supported", f.path().display());
+        bail!(
+            "{}: tokenizer.ggml.model is {model:?}; only byte-level BPE (gpt2) is supported",
+            f.path().display()
+        );
     }
     let pre = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
     if !matches!(pre, "qwen2" | "qwen35" | "default") {
-        tracing::warn!("{}: pre-tokenizer {pre:?} read as qwen2", f.path().display());
+        tracing::warn!(
+            "{}: pre-tokenizer {pre:?} read as qwen2",
+            f.path().display()
+        );
     }
     let tokens = string_list(f, "tokenizer.ggml.tokens")?;
     let types: Vec<i64> = match f.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-        Some(items) => items.iter().map(|v| v.as_i64().unwrap_or(TOKEN_NORMAL as i64)).collect(),
+        Some(items) => items
+            .iter()
+            .map(|v| v.as_i64().unwrap_or(TOKEN_NORMAL as i64))
+            .collect(),
         None => vec![TOKEN_NORMAL as i64; tokens.len()],
     };
     let merges = string_list(f, "tokenizer.ggml.merges")?;
@@ -205,9 +280,15 @@ pub fn text_tokenizer(f: &GgufFile) -> Result<TextTokenizer> {
     // `TextTokenizer` loads from a model directory; hand it a private one holding the rebuilt file.
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = Scratch(std::env::temp_dir().join(format!("omni-gguf-tokenizer-{}-{n}", std::process::id())));
+    let dir = Scratch(
+        std::env::temp_dir().join(format!("omni-gguf-tokenizer-{}-{n}", std::process::id())),
+    );
     std::fs::create_dir_all(&dir.0)?;
     std::fs::write(dir.0.join("tokenizer.json"), json)?;
-    TextTokenizer::from_model_dir(&dir.0)
-        .with_context(|| format!("cannot build the tokenizer from the metadata of {}", f.path().display()))
+    TextTokenizer::from_model_dir(&dir.0).with_context(|| {
+        format!(
+            "cannot build the tokenizer from the metadata of {}",
+            f.path().display()
+        )
+    })
 }
