@@ -3,6 +3,7 @@
 # (vendor/llama.cpp) and our small check program `omni-llama-check` against it.
 #
 #   tests/llamacpp/build.sh            # -> $LLAMACPP_DIR (default: target/llamacpp)
+#   tests/llamacpp/compat.py           # then: the compatibility checks (see docs/gguf.md)
 #
 # Needs: python3 with pip (PYTHON, default /opt/refenv/bin/python), cmake (apt-get install cmake),
 # a C++17 compiler. NOT part of CI. Re-running reuses the download and the build directory.
@@ -49,3 +50,15 @@ g++ -std=c++17 -O2 "$ROOT/tests/llamacpp/omni_llama_check.cpp" -o "$OUT/omni-lla
   -L "$LIBDIR" -L "$MTMDDIR" -L "$GGMLDIR" -lmtmd -lllama -lggml -lggml-base \
   -Wl,-rpath,"$LIBDIR" -Wl,-rpath,"$MTMDDIR" -Wl,-rpath,"$GGMLDIR"
 echo "built $OUT/omni-llama-check"
+
+# 4. Optionally llama-quantize (needs llama.cpp's common library), for K-quant files:
+#    WITH_QUANTIZE=1 tests/llamacpp/build.sh; $OUT/build-tools/bin/llama-quantize in.gguf out.gguf Q4_K_M
+if [ "${WITH_QUANTIZE:-0}" = 1 ]; then
+  cmake -S "$LLAMA" -B "$OUT/build-tools" \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_SUBPROCESS=OFF -DMTMD_VIDEO=OFF -DGGML_NATIVE=ON >"$OUT/cmake-configure-tools.log"
+  cmake --build "$OUT/build-tools" --target llama-quantize -j "$JOBS"
+  echo "built $OUT/build-tools/bin/llama-quantize"
+fi
