@@ -414,12 +414,30 @@ fn speech_from_f32_gguf_files_is_identical() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_omni"))
             .args(["run", "--model"])
             .arg(model)
-            .args(["--prompt", "Hello there", "--temperature", "0", "--talker-temperature", "0"])
-            .args(["--max-new-tokens", "12", "--max-speech-frames", "40", "--json", "--speech-out"])
+            .args([
+                "--prompt",
+                "Hello there",
+                "--temperature",
+                "0",
+                "--talker-temperature",
+                "0",
+            ])
+            .args([
+                "--max-new-tokens",
+                "12",
+                "--max-speech-frames",
+                "40",
+                "--json",
+                "--speech-out",
+            ])
             .arg(wav)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -427,9 +445,18 @@ fn speech_from_f32_gguf_files_is_identical() {
     let a = run(&fixture("tiny-a"), &wa);
     let b = run(dir.path(), &wb);
     assert_eq!(a["token_ids"], b["token_ids"]);
-    assert!(a["codes"].as_array().is_some_and(|c| !c.is_empty()), "no codes: {a}");
-    assert_eq!(a["codes"], b["codes"], "codec codes from the f32 GGUF files differ");
-    assert!(std::fs::read(&wa).unwrap() == std::fs::read(&wb).unwrap(), "waveforms differ");
+    assert!(
+        a["codes"].as_array().is_some_and(|c| !c.is_empty()),
+        "no codes: {a}"
+    );
+    assert_eq!(
+        a["codes"], b["codes"],
+        "codec codes from the f32 GGUF files differ"
+    );
+    assert!(
+        std::fs::read(&wa).unwrap() == std::fs::read(&wb).unwrap(),
+        "waveforms differ"
+    );
 }
 
 #[test]
@@ -441,18 +468,47 @@ fn an_mmproj_without_deepstack_loads_with_a_note() {
     let src = GgufFile::open(&dir.path().join("mmproj-q8_0.gguf")).unwrap();
     let stripped = dir.path().join("stripped").join("mmproj.gguf");
     std::fs::create_dir_all(stripped.parent().unwrap()).unwrap();
-    let keep: Vec<_> = src.tensors().iter().filter(|t| !t.name.starts_with("omni.deepstack.")).cloned().collect();
-    let meta: Vec<(String, Value)> = src.key_order().iter().map(|k| (k.clone(), src.get(k).unwrap().clone())).collect();
-    let specs = keep.iter().map(|t| TensorSpec { name: t.name.clone(), dims: t.dims.clone(), dtype: t.dtype }).collect();
+    let keep: Vec<_> = src
+        .tensors()
+        .iter()
+        .filter(|t| !t.name.starts_with("omni.deepstack."))
+        .cloned()
+        .collect();
+    let meta: Vec<(String, Value)> = src
+        .key_order()
+        .iter()
+        .map(|k| (k.clone(), src.get(k).unwrap().clone()))
+        .collect();
+    let specs = keep
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            dtype: t.dtype,
+        })
+        .collect();
     let mut w = GgufWriter::create(&stripped, &meta, specs).unwrap();
     for t in &keep {
         w.write(src.bytes(t)).unwrap();
     }
     w.finish().unwrap();
-    let files = GgufModelFiles::with_overrides(None, Some(&dir.path().join("thinker-q8_0.gguf")), Some(&stripped), None).unwrap();
+    let files = GgufModelFiles::with_overrides(
+        None,
+        Some(&dir.path().join("thinker-q8_0.gguf")),
+        Some(&stripped),
+        None,
+    )
+    .unwrap();
     let parts = open(&files).unwrap();
-    assert!(parts.notes.iter().any(|n| n.contains("deepstack")), "{:?}", parts.notes);
-    assert!(!parts.weights.contains("thinker.visual.merger_list.0.ln_q.weight"));
+    assert!(
+        parts.notes.iter().any(|n| n.contains("deepstack")),
+        "{:?}",
+        parts.notes
+    );
+    assert!(!parts
+        .weights
+        .contains("thinker.visual.merger_list.0.ln_q.weight"));
     assert!(parts.weights.contains("thinker.visual.merger.ln_q.weight"));
-    omni_engine::pipeline::OmniModel::load_gguf(&files, &mut omni_engine::pipeline::NoProgress).unwrap();
+    omni_engine::pipeline::OmniModel::load_gguf(&files, &mut omni_engine::pipeline::NoProgress)
+        .unwrap();
 }

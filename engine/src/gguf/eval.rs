@@ -378,8 +378,12 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
 
 /// Talker decoder + codec head, and the code predictor, on the same fixed inputs.
 fn talker_stages(reference: &OmniModel, quantized: &OmniModel) -> Result<Vec<StageNmse>> {
-    let Some(cfg) = &reference.config.talker_config else { return Ok(Vec::new()) };
-    if !quantized.weights.contains("talker.codec_head.weight") || !reference.weights.contains("talker.codec_head.weight") {
+    let Some(cfg) = &reference.config.talker_config else {
+        return Ok(Vec::new());
+    };
+    if !quantized.weights.contains("talker.codec_head.weight")
+        || !reference.weights.contains("talker.codec_head.weight")
+    {
         return Ok(Vec::new());
     }
     let r = crate::talker::Talker::new(cfg, &reference.weights.root().pp("talker"))?;
@@ -390,21 +394,38 @@ fn talker_stages(reference: &OmniModel, quantized: &OmniModel) -> Result<Vec<Sta
     let embeds = candle_core::Tensor::from_vec(pseudo_random(t * h, 7), (1, t, h), &device)?;
     let logits = |m: &crate::talker::Talker| -> Result<Vec<f32>> {
         let mut cache = m.new_cache();
-        Ok(m.forward(&embeds, &mut cache)?.1.flatten_all()?.to_vec1::<f32>()?)
+        Ok(m.forward(&embeds, &mut cache)?
+            .1
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     };
     let mut talker = Nmse::default();
     talker.add(&logits(&q)?, &logits(&r)?);
     let prefill = candle_core::Tensor::from_vec(pseudo_random(2 * h, 11), (1, 2, h), &device)?;
     let vocab = cfg.code_predictor_config.vocab_size as u64;
-    let codes: Vec<u32> = pseudo_random(cfg.num_code_groups, 13).iter().map(|x| ((x.abs() * 1e6) as u64 % vocab) as u32).collect();
+    let codes: Vec<u32> = pseudo_random(cfg.num_code_groups, 13)
+        .iter()
+        .map(|x| ((x.abs() * 1e6) as u64 % vocab) as u32)
+        .collect();
     let mut cp = Nmse::default();
-    let (rl, ql) = (r.code_predictor.logits_teacher_forced(&prefill, &codes)?, q.code_predictor.logits_teacher_forced(&prefill, &codes)?);
+    let (rl, ql) = (
+        r.code_predictor.logits_teacher_forced(&prefill, &codes)?,
+        q.code_predictor.logits_teacher_forced(&prefill, &codes)?,
+    );
     for (a, b) in ql.iter().zip(&rl) {
         cp.add(a, b);
     }
     Ok(vec![
-        StageNmse { stage: "talker".into(), nmse: talker.value(), what: format!("codec logits of {t} fixed input embeddings") },
-        StageNmse { stage: "code_predictor".into(), nmse: cp.value(), what: "teacher-forced logits of one frame".into() },
+        StageNmse {
+            stage: "talker".into(),
+            nmse: talker.value(),
+            what: format!("codec logits of {t} fixed input embeddings"),
+        },
+        StageNmse {
+            stage: "code_predictor".into(),
+            nmse: cp.value(),
+            what: "teacher-forced logits of one frame".into(),
+        },
     ])
 }
 

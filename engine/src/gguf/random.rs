@@ -536,6 +536,16 @@ fn tokenizer_json(cfg: &Json) -> Json {
             added.push(json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
         }
     }
+    // The role words at their real ids (the Talker finds the assistant turn by them).
+    for (key, content) in [
+        ("system_token_id", "system"),
+        ("user_token_id", "user"),
+        ("assistant_token_id", "assistant"),
+    ] {
+        if let Some(id) = cfg.get(key).and_then(Json::as_u64) {
+            added.push(json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": false}));
+        }
+    }
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
         "normalizer": {"type": "NFC"},
