@@ -36,7 +36,7 @@ pub fn output_tokens(mel_frames: usize, n_window: usize) -> usize {
 }
 
 /// Tokens after the stem for one chunk of `len` frames (`len <= 2·n_window`).
-fn chunk_tokens(len: usize) -> usize {
+pub fn chunk_tokens(len: usize) -> usize {
     let f = (len + 1) / 2; // ceil(len / 2): stride 2, padding 1, kernel 3
     let f = (f + 1) / 2;
     (f + 1) / 2
@@ -244,33 +244,76 @@ impl AudioEncoder {
             }
         }
         let max_len = chunks.iter().map(|c| c.2).max().unwrap_or(0);
-        let max_tokens = chunk_tokens(max_len);
         // 2. The stem, STEM_BATCH chunks at a time; keep each chunk's valid tokens: [n, d].
-        let mut valid = Vec::with_capacity(chunks.len());
+        let mut stems = Vec::with_capacity(chunks.len());
         for batch in chunks.chunks(STEM_BATCH) {
-            let mut data = vec![0f32; batch.len() * bins * max_len];
-            for (b, &(c, start, len)) in batch.iter().enumerate() {
-                let clip = &clips[c];
-                for m in 0..bins {
-                    let src = &clip.mel[m * clip.frames + start..m * clip.frames + start + len];
-                    let dst = b * bins * max_len + m * max_len;
-                    data[dst..dst + len].copy_from_slice(src);
-                }
+            let data: Vec<Vec<f32>> = batch
+                .iter()
+                .map(|&(c, start, len)| {
+                    let clip = &clips[c];
+                    (0..bins).flat_map(|m| &clip.mel[m * clip.frames + start..m * clip.frames + start + len]).copied().collect()
+                })
+                .collect();
+            let views: Vec<ClipFeatures<'_>> =
+                data.iter().zip(batch).map(|(mel, &(_, _, len))| ClipFeatures { mel, frames: len }).collect();
+            stems.extend(self.stem(&views, max_len)?);
+        }
+        // 3.-4. Windowed attention layers and the output projection.
+        let per_clip: Vec<usize> = clips.iter().map(|c| output_tokens(c.frames, nw)).collect();
+        self.encode_stems(&stems, &per_clip, max_len)
+    }
+
+    /// The conv stem of a batch of chunks (each `[bins, len]`, `len <= 2·n_window`), zero-padded to
+    /// `padded_frames` (the longest chunk of the whole encoder call: the padding changes a chunk's
+    /// last columns, see the module docs), plus the per-chunk sinusoidal positions. Returns each
+    /// chunk's valid tokens `[chunk_tokens(len), d_model]`. The stem is per chunk: batching chunks
+    /// together or not gives the same values.
+    pub fn stem(&self, chunks: &[ClipFeatures<'_>], padded_frames: usize) -> Result<Vec<Tensor>> {
+        let bins = self.cfg.num_mel_bins;
+        if padded_frames == 0 || padded_frames > 2 * self.cfg.n_window {
+            bail!("audio encoder stem: padded chunk length {padded_frames} is not in 1..={}", 2 * self.cfg.n_window);
+        }
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        // 1. [b, 1, bins, padded_frames], zero padded on the right.
+        let mut data = vec![0f32; chunks.len() * bins * padded_frames];
+        for (b, chunk) in chunks.iter().enumerate() {
+            if chunk.frames == 0 || chunk.frames > padded_frames || chunk.mel.len() != bins * chunk.frames {
+                bail!(
+                    "audio encoder stem: chunk {b} has {} values for {} frames of {bins} mel bins (padded length {padded_frames})",
+                    chunk.mel.len(),
+                    chunk.frames
+                );
             }
-            let x = Tensor::from_vec(data, (batch.len(), 1, bins, max_len), &self.device)?;
-            let x = gelu(&self.conv2d1.forward(&x)?)?;
-            let x = gelu(&self.conv2d2.forward(&x)?)?;
-            let x = gelu(&self.conv2d3.forward(&x)?)?; // [b, ch, f, t]
-            let (b, ch, f, t) = x.dims4()?;
-            let x = x.permute((0, 3, 1, 2))?.reshape((b, t, ch * f))?;
-            let x = self.conv_out.forward(&x)?.broadcast_add(&self.positions.narrow(0, 0, t)?.unsqueeze(0)?)?;
-            for (i, &(_, _, len)) in batch.iter().enumerate() {
-                valid.push(x.get(i)?.narrow(0, 0, chunk_tokens(len))?);
+            for m in 0..bins {
+                let dst = b * bins * padded_frames + m * padded_frames;
+                data[dst..dst + chunk.frames].copy_from_slice(&chunk.mel[m * chunk.frames..(m + 1) * chunk.frames]);
             }
         }
-        let mut x = Tensor::cat(&valid, 0)?;
-        // 3. Attention windows per clip.
-        let per_clip: Vec<usize> = clips.iter().map(|c| output_tokens(c.frames, nw)).collect();
+        let x = Tensor::from_vec(data, (chunks.len(), 1, bins, padded_frames), &self.device)?;
+        // 2. Three stride-2 convs with GELU: [b, ch, f, t].
+        let x = gelu(&self.conv2d1.forward(&x)?)?;
+        let x = gelu(&self.conv2d2.forward(&x)?)?;
+        let x = gelu(&self.conv2d3.forward(&x)?)?;
+        // 3. conv_out over (channel, frequency) per time step, plus positions restarting per chunk: [b, t, d].
+        let (b, ch, f, t) = x.dims4()?;
+        let x = x.permute((0, 3, 1, 2))?.reshape((b, t, ch * f))?;
+        let x = self.conv_out.forward(&x)?.broadcast_add(&self.positions.narrow(0, 0, t)?.unsqueeze(0)?)?;
+        chunks.iter().enumerate().map(|(i, c)| Ok(x.get(i)?.narrow(0, 0, chunk_tokens(c.frames))?)).collect()
+    }
+
+    /// The rest of the encoder after the stems of every chunk of every clip (in order): windowed
+    /// attention layers, `ln_post`, `proj1`, GELU, `proj2`. `per_clip` is the token count of each clip,
+    /// `max_chunk_frames` the longest chunk of the call (it sets the attention window).
+    pub fn encode_stems(&self, stems: &[Tensor], per_clip: &[usize], max_chunk_frames: usize) -> Result<AudioTokens> {
+        let nw = self.cfg.n_window;
+        if stems.is_empty() {
+            bail!("no audio chunks to encode");
+        }
+        let mut x = Tensor::cat(stems, 0)?;
+        // 1. Attention windows per clip.
+        let max_tokens = chunk_tokens(max_chunk_frames);
         let windows: Vec<usize> = per_clip
             .iter()
             .flat_map(|&n| attention_windows(n, max_tokens, nw, self.cfg.n_window_infer))
@@ -278,12 +321,12 @@ impl AudioEncoder {
         if windows.iter().sum::<usize>() != x.dim(0)? {
             bail!("audio encoder: token count mismatch ({} vs {})", windows.iter().sum::<usize>(), x.dim(0)?);
         }
-        // 4. Encoder layers, then the output projection.
+        // 2. Encoder layers, then the output projection.
         for layer in &self.layers {
             x = layer.forward(&x, &windows)?;
         }
         let x = self.proj2.forward(&gelu(&self.proj1.forward(&self.ln_post.forward(&x)?)?)?)?;
-        Ok(AudioTokens { embeddings: x.to_dtype(DType::F32)?, per_clip })
+        Ok(AudioTokens { embeddings: x.to_dtype(DType::F32)?, per_clip: per_clip.to_vec() })
     }
 }
 

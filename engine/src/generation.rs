@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::thinker::{argmax, rope::text_positions, KvCache, ThinkerText};
+use crate::thinker::{argmax, rope::text_positions, Deepstack, KvCache, ThinkerText};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,6 +180,17 @@ pub const PREFILL_CHUNK: usize = 512;
 /// Runs the prompt through the model in chunks of [`PREFILL_CHUNK`] tokens; returns the last
 /// chunk's final hidden states `[1, n, hidden]`.
 pub fn prefill(model: &ThinkerText, embeds: &Tensor, positions: &[Vec<i64>; 3], cache: &mut KvCache) -> Result<Tensor> {
+    prefill_with_deepstack(model, embeds, positions, None, cache)
+}
+
+/// As [`prefill`], adding an image prompt's deepstack features (see [`ThinkerText::forward_with_deepstack`]).
+pub fn prefill_with_deepstack(
+    model: &ThinkerText,
+    embeds: &Tensor,
+    positions: &[Vec<i64>; 3],
+    deepstack: Option<&Deepstack>,
+    cache: &mut KvCache,
+) -> Result<Tensor> {
     let t = embeds.dim(1)?;
     let mut start = 0;
     let mut hidden = None;
@@ -190,7 +201,7 @@ pub fn prefill(model: &ThinkerText, embeds: &Tensor, positions: &[Vec<i64>; 3], 
             positions[1][start..start + n].to_vec(),
             positions[2][start..start + n].to_vec(),
         ];
-        hidden = Some(model.forward(&embeds.narrow(1, start, n)?, &pos, cache, &[])?.hidden);
+        hidden = Some(model.forward_with_deepstack(&embeds.narrow(1, start, n)?, &pos, cache, &[], deepstack)?.hidden);
         start += n;
     }
     hidden.ok_or_else(|| anyhow::anyhow!("empty prompt"))
@@ -219,12 +230,27 @@ pub fn generate_from_embeds(
     positions: &[Vec<i64>; 3],
     sampler: &mut Sampler,
     stop: &StopRule,
+    on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<ThinkerOutput> {
+    generate_with_deepstack(model, prompt_ids, embeds, positions, None, sampler, stop, on_token)
+}
+
+/// As [`generate_from_embeds`] for a prompt with images: their deepstack features join the prefill.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with_deepstack(
+    model: &ThinkerText,
+    prompt_ids: &[u32],
+    embeds: &Tensor,
+    positions: &[Vec<i64>; 3],
+    deepstack: Option<&Deepstack>,
+    sampler: &mut Sampler,
+    stop: &StopRule,
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<ThinkerOutput> {
     let mut cache: KvCache = model.new_cache();
     let start = Instant::now();
     // 1. Prefill.
-    let hidden = prefill(model, embeds, positions, &mut cache)?;
+    let hidden = prefill_with_deepstack(model, embeds, positions, deepstack, &mut cache)?;
     let mut logits = model.last_logits(&hidden)?;
     let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
     let decode_start = Instant::now();

@@ -12,8 +12,10 @@ use crate::audio_encoder::{expand_audio_pads, scatter_audio, AudioEncoder, Audio
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::{GenerationDefaults, OmniConfig};
 use crate::generation::SamplingParams;
-use crate::thinker::rope::text_positions;
-use crate::thinker::ThinkerText;
+use crate::thinker::{Deepstack, ThinkerText};
+use crate::vision::{
+    expand_image_pads, mrope_positions, scatter_rows, ImagePixels, ImageProcessorConfig, VisionEncoder, VisionTokens,
+};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::WeightStore;
 
@@ -44,7 +46,27 @@ pub struct OmniModel {
     pub weights: WeightStore,
     /// The audio front end, when the checkpoint has an audio tower.
     pub audio: Option<AudioFrontEnd>,
+    /// The image front end, when the checkpoint has a vision tower.
+    pub vision: Option<VisionFrontEnd>,
     pub load_ms: f64,
+}
+
+/// Image processor and vision encoder.
+pub struct VisionFrontEnd {
+    pub processor: ImageProcessorConfig,
+    pub encoder: VisionEncoder,
+    /// `<|image_pad|>`.
+    pub image_pad: u32,
+}
+
+/// A prompt with images: the Thinker input plus what only image prompts have. Generate from it with
+/// [`OmniModel::generate`] so the deepstack features are not lost.
+pub struct MultimodalPrompt {
+    pub prompt: PreparedPrompt,
+    /// The vision tower's output for the prompt's images, if any.
+    pub vision: Option<VisionTokens>,
+    /// The deepstack features at the image positions, if any.
+    pub deepstack: Option<Deepstack>,
 }
 
 /// Mel extractor and AuT encoder.
@@ -136,6 +158,44 @@ impl OmniModel {
             }
             _ => None,
         };
+        let vision = match &config.thinker_config.vision_config {
+            Some(vcfg) if weights.contains("thinker.visual.merger.mlp.0.weight") => {
+                let encoder = VisionEncoder::new(vcfg, &weights.root().pp("thinker.visual"))
+                    .with_context(|| format!("cannot load the vision encoder from {}", dir.display()))?;
+                weights.ensure_all_used("thinker.visual.")?;
+                let processor = match &mel_json {
+                    None => ImageProcessorConfig::from_model_dir(dir)?,
+                    Some(None) => ImageProcessorConfig::qwen3_omni(),
+                    Some(Some(text)) => {
+                        let v: serde_json::Value =
+                            serde_json::from_str(text).context("the processor config in the GGUF file is not JSON")?;
+                        ImageProcessorConfig::from_json(v.get("image_processor").unwrap_or(&v))
+                            .context("the image processor config in the GGUF file")?
+                    }
+                };
+                if processor.patch_size != vcfg.patch_size
+                    || processor.merge_size != vcfg.spatial_merge_size
+                    || processor.temporal_patch_size != vcfg.temporal_patch_size
+                {
+                    anyhow::bail!(
+                        "{}: the image processor's patch/merge/temporal sizes ({}, {}, {}) differ from vision_config's ({}, {}, {})",
+                        dir.display(),
+                        processor.patch_size,
+                        processor.merge_size,
+                        processor.temporal_patch_size,
+                        vcfg.patch_size,
+                        vcfg.spatial_merge_size,
+                        vcfg.temporal_patch_size
+                    );
+                }
+                let image_pad = match config.thinker_config.image_token_id {
+                    Some(id) => id,
+                    None => tokenizer.require_id("<|image_pad|>")?,
+                };
+                Some(VisionFrontEnd { processor, encoder, image_pad })
+            }
+            _ => None,
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
@@ -145,6 +205,7 @@ impl OmniModel {
             generation,
             weights,
             audio,
+            vision,
             load_ms: start.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -161,6 +222,37 @@ impl OmniModel {
     /// into the pads, and the M-RoPE positions of `get_rope_index` (audio and text advance one position
     /// per token, so they are sequential).
     pub fn prepare(&self, messages: &[ChatMessage], audio_clips: &[&[f32]]) -> Result<PreparedPrompt> {
+        Ok(self.prepare_multimodal(messages, audio_clips, &[])?.prompt)
+    }
+
+    /// Decodes and preprocesses image files (PNG, JPEG) as the processor does; errors name the file.
+    pub fn load_images(&self, paths: &[PathBuf]) -> Result<Vec<ImagePixels>> {
+        let front = self.vision_front()?;
+        paths
+            .iter()
+            .map(|p| {
+                let img = crate::vision::load_image(p)?;
+                crate::vision::preprocess(&img, &front.processor)
+                    .with_context(|| format!("cannot preprocess image {}", p.display()))
+            })
+            .collect()
+    }
+
+    fn vision_front(&self) -> Result<&VisionFrontEnd> {
+        self.vision.as_ref().with_context(|| {
+            format!("{} has no vision encoder (thinker.visual): image input is not possible", self.dir.display())
+        })
+    }
+
+    /// As [`Self::prepare`] with images too (`images` in the order their items appear): the image pads
+    /// expanded to each image's token count, the tower's tokens scattered in, the M-RoPE positions of
+    /// `get_rope_index` for image grids, and the deepstack features for the Thinker's first layers.
+    pub fn prepare_multimodal(
+        &self,
+        messages: &[ChatMessage],
+        audio_clips: &[&[f32]],
+        images: &[ImagePixels],
+    ) -> Result<MultimodalPrompt> {
         let (_, ids) = self.render_prompt(messages)?;
         let (ids, audio) = if audio_clips.is_empty() {
             (ids, None)
@@ -178,12 +270,62 @@ impl OmniModel {
             let tokens = front.encoder.forward(&clips)?;
             (expand_audio_pads(&ids, front.audio_pad, &tokens.per_clip)?, Some(tokens))
         };
+        // Images: the tower runs on all images of the prompt at once (attention stays per image).
+        let (ids, vision) = match &self.vision {
+            None if images.is_empty() => (ids, None),
+            None => return Err(self.vision_front().err().unwrap_or_else(|| anyhow::anyhow!("no vision encoder"))),
+            Some(front) if images.is_empty() => {
+                expand_image_pads(&ids, front.image_pad, &[])?;
+                (ids, None)
+            }
+            Some(front) => {
+                let tokens = front.encoder.forward(images)?;
+                (expand_image_pads(&ids, front.image_pad, &tokens.per_image)?, Some(tokens))
+            }
+        };
         let mut embeds = self.thinker.embed(&ids)?;
         if let (Some(tokens), Some(front)) = (&audio, &self.audio) {
             embeds = scatter_audio(&embeds, &ids, front.audio_pad, tokens)?;
         }
-        let positions = text_positions(0, ids.len());
-        Ok(PreparedPrompt { ids, embeds, positions, audio })
+        let (positions, deepstack) = match (&vision, &self.vision) {
+            (Some(tokens), Some(front)) => {
+                embeds = scatter_rows(&embeds, &ids, front.image_pad, &tokens.embeddings)?;
+                let merge = front.encoder.config().spatial_merge_size;
+                let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+                let per_second = self.config.thinker_config.position_id_per_seconds.unwrap_or(25.0);
+                let positions = mrope_positions(&ids, front.image_pad, &grids, merge, per_second)?;
+                let visual: Vec<usize> =
+                    ids.iter().enumerate().filter(|(_, &i)| i == front.image_pad).map(|(p, _)| p).collect();
+                let deepstack = match tokens.deepstack.is_empty() {
+                    true => None,
+                    false => Some(Deepstack::new(visual, tokens.deepstack.clone())?),
+                };
+                (positions, deepstack)
+            }
+            _ => (crate::thinker::rope::text_positions(0, ids.len()), None),
+        };
+        Ok(MultimodalPrompt { prompt: PreparedPrompt { ids, embeds, positions, audio }, vision, deepstack })
+    }
+
+    /// Generates the answer to a prepared prompt (deepstack features included when it has images).
+    pub fn generate(
+        &self,
+        prompt: &MultimodalPrompt,
+        sampler: &mut crate::generation::Sampler,
+        stop: &crate::generation::StopRule,
+        on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<crate::generation::ThinkerOutput> {
+        let p = &prompt.prompt;
+        crate::generation::generate_with_deepstack(
+            &self.thinker,
+            &p.ids,
+            &p.embeds,
+            &p.positions,
+            prompt.deepstack.as_ref(),
+            sampler,
+            stop,
+            on_token,
+        )
     }
 
     /// Stop ids: generation_config.json's `eos_token_id`, else `<|im_end|>`.

@@ -18,6 +18,7 @@ use candle_core::quantized::QTensor;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use crate::bench::random_weights::{RandomQuant, RandomSource};
 use crate::gguf::source::GgufSource;
 
 /// Problems with a checkpoint's tensors, each naming the tensor.
@@ -37,6 +38,8 @@ pub enum WeightError {
 enum Backend {
     Safetensors(MmapedSafetensors),
     Gguf(GgufSource),
+    /// Random values at config.json's shapes, made in memory ([`WeightStore::random`], for benches).
+    Random(RandomSource),
 }
 
 /// A weight matrix as a loader receives it: dense f32, or quantized blocks (from a GGUF file).
@@ -103,11 +106,37 @@ impl WeightStore {
         }
     }
 
+    /// A store of random weights with the shapes of `config` (a whole config.json): every tensor
+    /// the loaders ask for is made in memory, Q8_0 matrices (`quant`) per component on first use.
+    /// For benchmarks: speed does not depend on the values.
+    pub fn random(config: &serde_json::Value, seed: u64, quant: RandomQuant) -> Result<Self> {
+        let source = RandomSource::new(config, seed, quant)?;
+        let names = source.names().map(str::to_string).collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir: PathBuf::from("<random weights>"),
+                files: Vec::new(),
+                backend: Backend::Random(source),
+                names,
+                used: Mutex::new(HashSet::new()),
+                device: Device::Cpu,
+            }),
+        })
+    }
+
     /// The GGUF files behind this store, if it reads GGUF.
     pub fn gguf(&self) -> Option<&GgufSource> {
         match &self.inner.backend {
             Backend::Gguf(g) => Some(g),
-            Backend::Safetensors(_) => None,
+            Backend::Safetensors(_) | Backend::Random(_) => None,
+        }
+    }
+
+    /// The random source behind this store, if it is one ([`Self::random`]).
+    pub fn random_source(&self) -> Option<&RandomSource> {
+        match &self.inner.backend {
+            Backend::Random(r) => Some(r),
+            _ => None,
         }
     }
 
@@ -144,6 +173,12 @@ impl WeightStore {
                 self.inner.used.lock().expect("weight usage lock").insert(name.to_string());
                 return Ok(t);
             }
+            Backend::Random(r) => {
+                self.check_random_shape(r, name, shape)?;
+                let t = r.tensor(name, &self.inner.device)?;
+                self.inner.used.lock().expect("weight usage lock").insert(name.to_string());
+                return Ok(t);
+            }
         };
         let view = st.get(name).map_err(|e| anyhow::anyhow!("tensor `{name}`: {e}"))?;
         let found: Vec<usize> = view.shape().to_vec();
@@ -159,6 +194,14 @@ impl WeightStore {
         let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
         self.inner.used.lock().expect("weight usage lock").insert(name.to_string());
         Ok(t)
+    }
+
+    fn check_random_shape(&self, r: &RandomSource, name: &str, shape: &[usize]) -> Result<()> {
+        let found = r.shape(name).unwrap_or_default();
+        if found != shape {
+            return Err(WeightError::Shape { name: name.to_string(), found: found.to_vec(), expected: shape.to_vec() }.into());
+        }
+        Ok(())
     }
 
     fn check_gguf_shape(&self, g: &GgufSource, name: &str, shape: &[usize]) -> Result<()> {
@@ -177,6 +220,15 @@ impl WeightStore {
             if self.inner.names.contains(name) {
                 self.check_gguf_shape(g, name, shape)?;
                 if let Some(q) = g.qmatrix(name)? {
+                    self.inner.used.lock().expect("weight usage lock").insert(name.to_string());
+                    return Ok(WeightMatrix::Quantized(Arc::new(q)));
+                }
+            }
+        }
+        if let Backend::Random(r) = &self.inner.backend {
+            if self.inner.names.contains(name) {
+                self.check_random_shape(r, name, shape)?;
+                if let Some(q) = r.qmatrix(name)? {
                     self.inner.used.lock().expect("weight usage lock").insert(name.to_string());
                     return Ok(WeightMatrix::Quantized(Arc::new(q)));
                 }

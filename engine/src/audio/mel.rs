@@ -489,7 +489,7 @@ impl LogMelExtractor {
             let floor = max - 8.0;
             let dst = &mut features[b * n_mels * n_frames..(b + 1) * n_mels * n_frames];
             for (d, &x) in dst.iter_mut().zip(log_spec.iter()) {
-                *d = ((x.max(floor) + 4.0) / 4.0) as f32;
+                *d = clamp_and_scale(x, floor);
             }
         }
         Ok(MelBatch {
@@ -507,8 +507,7 @@ impl LogMelExtractor {
     /// log10 mel spectrogram `[n_mels, n_frames]` of `clip` right-padded to `padded_len` samples.
     fn log_mel_padded(&self, clip: &[f32], padded_len: usize, n_frames: usize, out: &mut [f64]) {
         let cfg = &self.cfg;
-        let n_fft = cfg.n_fft;
-        let half = n_fft / 2;
+        let half = cfg.n_fft / 2;
         let pad_value = cfg.padding_value;
         // Padded waveform sample at index i in [0, padded_len).
         let sample = |i: usize| -> f64 {
@@ -518,50 +517,87 @@ impl LogMelExtractor {
                 pad_value
             }
         };
-        // Centre padding (reflect, edge not repeated) of `half` on both sides: padded index j maps to
-        // waveform index j - half, reflected into [0, padded_len). Requires padded_len > half.
-        let n = padded_len as isize;
-        let reflected = |j: usize| -> f64 {
-            let mut k = j as isize - half as isize;
-            if k < 0 {
-                k = -k;
-            }
-            if k >= n {
-                k = 2 * (n - 1) - k;
-            }
-            sample(k as usize)
-        };
-        let mut frame = self.fft.make_input_vec();
-        let mut spectrum = self.fft.make_output_vec();
-        let mut scratch = self.fft.make_scratch_vec();
-        let mut power = vec![0.0f64; spectrum.len()];
+        let mut bufs = self.frame_buffers();
         for t in 0..n_frames {
             let start = t * cfg.hop_length;
-            for (k, (f, w)) in frame.iter_mut().zip(self.window.iter()).enumerate() {
-                *f = reflected(start + k) * w;
-            }
-            // Lengths are fixed by the plan, so this cannot fail.
-            if self
-                .fft
-                .process_with_scratch(&mut frame, &mut spectrum, &mut scratch)
-                .is_err()
-            {
-                unreachable!("realfft buffer lengths come from the plan");
-            }
-            for (p, c) in power.iter_mut().zip(spectrum.iter()) {
-                *p = c.re * c.re + c.im * c.im;
-            }
-            for (m, filt) in self.filters.iter().enumerate() {
-                let s: f64 = filt
-                    .weights
-                    .iter()
-                    .zip(&power[filt.start..filt.start + filt.weights.len()])
-                    .map(|(w, p)| w * p)
-                    .sum();
-                out[m * n_frames + t] = s.max(1e-10).log10();
-            }
+            self.log_mel_frame(
+                |k| sample(reflect_centered(start + k, half, padded_len)),
+                &mut bufs,
+                |m, v| out[m * n_frames + t] = v,
+            );
         }
     }
+
+    /// Scratch buffers for [`Self::log_mel_frame`].
+    pub(crate) fn frame_buffers(&self) -> FrameBuffers {
+        FrameBuffers {
+            frame: self.fft.make_input_vec(),
+            spectrum: self.fft.make_output_vec(),
+            scratch: self.fft.make_scratch_vec(),
+            power: vec![0.0f64; self.cfg.n_fft / 2 + 1],
+        }
+    }
+
+    /// log10 mel values of one STFT frame: `padded(k)` is sample `k` (`0..n_fft`) of the frame in the
+    /// centre-padded waveform; `out(m, value)` receives mel bin `m`. The offline extractor and the
+    /// streaming one (`audio::stream`) both call this, so their frames are bit-identical.
+    pub(crate) fn log_mel_frame(
+        &self,
+        padded: impl Fn(usize) -> f64,
+        bufs: &mut FrameBuffers,
+        mut out: impl FnMut(usize, f64),
+    ) {
+        for (k, (f, w)) in bufs.frame.iter_mut().zip(self.window.iter()).enumerate() {
+            *f = padded(k) * w;
+        }
+        // Lengths are fixed by the plan, so this cannot fail.
+        if self
+            .fft
+            .process_with_scratch(&mut bufs.frame, &mut bufs.spectrum, &mut bufs.scratch)
+            .is_err()
+        {
+            unreachable!("realfft buffer lengths come from the plan");
+        }
+        for (p, c) in bufs.power.iter_mut().zip(bufs.spectrum.iter()) {
+            *p = c.re * c.re + c.im * c.im;
+        }
+        for (m, filt) in self.filters.iter().enumerate() {
+            let s: f64 = filt
+                .weights
+                .iter()
+                .zip(&bufs.power[filt.start..filt.start + filt.weights.len()])
+                .map(|(w, p)| w * p)
+                .sum();
+            out(m, s.max(1e-10).log10());
+        }
+    }
+}
+
+/// Scratch buffers of one STFT frame (FFT input/output/scratch and the power spectrum).
+pub(crate) struct FrameBuffers {
+    frame: Vec<f64>,
+    spectrum: Vec<realfft::num_complex::Complex<f64>>,
+    scratch: Vec<realfft::num_complex::Complex<f64>>,
+    power: Vec<f64>,
+}
+
+/// Centre padding (reflect, edge not repeated) of `half` on both sides: padded index `j` maps to waveform
+/// index `j - half`, reflected into `[0, len)`. Requires `len > half`.
+pub(crate) fn reflect_centered(j: usize, half: usize, len: usize) -> usize {
+    let n = len as isize;
+    let mut k = j as isize - half as isize;
+    if k < 0 {
+        k = -k;
+    }
+    if k >= n {
+        k = 2 * (n - 1) - k;
+    }
+    k as usize
+}
+
+/// Step 4 of the module docs for one value: `(max(x, floor) + 4) / 4` with `floor = max - 8`.
+pub(crate) fn clamp_and_scale(log_mel: f64, floor: f64) -> f32 {
+    ((log_mel.max(floor) + 4.0) / 4.0) as f32
 }
 
 #[cfg(test)]

@@ -7,9 +7,11 @@
 
 pub mod decode;
 pub mod mel;
+pub mod stream;
 
 pub use decode::{
     load_audio_16k_mono, resample_to_16k, AudioError, DecodedAudio, MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE, TARGET_SAMPLE_RATE,
 };
 pub use mel::{LogMelExtractor, MelBatch, MelConfig, MelError};
+pub use stream::{StreamingAudioEncoder, StreamingMel, StreamingStats};

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use omni_engine::chat::{user_turn, ChatMessage};
-use omni_engine::generation::{generate_from_embeds, Sampler, StopRule};
+use omni_engine::generation::{Sampler, StopRule};
 use omni_engine::gguf::model::GgufModelFiles;
 use omni_engine::gguf::quantize::QuantizeProgress;
 use omni_engine::pipeline::{LoadProgress, OmniModel};
@@ -46,6 +46,9 @@ enum Command {
         #[arg(long, default_value = "target/omni-bench", global = true)]
         cache: PathBuf,
     },
+    /// Talk with the model live: microphone (or a WAV) in, speakers (or a WAV) out, push-to-talk or
+    /// hands-free, barge-in, echo cancellation. `omni talk --list-devices` lists the audio devices.
+    Talk(Box<omni_engine::realtime::talk::TalkArgs>),
     /// Run the whole pipeline on the bundled tiny model (random weights: the output is gibberish).
     Demo {
         /// Prompt for the demo.
@@ -61,7 +64,70 @@ enum BenchWhat {
         /// Seconds of audio to encode.
         #[arg(long, default_value_t = 60.0)]
         seconds: f64,
+        /// Streaming encode: stems during speech (10 ms pushes), time left at the end vs offline.
+        #[arg(long)]
+        streaming: bool,
     },
+    /// Talker frames/s, code predictor ms/frame, streaming Code2Wav, real-time factor, time to the
+    /// first audio chunk (real shapes, random Q8_0 weights made in memory: no files needed).
+    Speech {
+        /// Codec frames to make (80 ms of audio each).
+        #[arg(long, default_value_t = 100)]
+        frames: usize,
+        /// Rows of the Talker prefill (the user turn + 9 assistant rows).
+        #[arg(long, default_value_t = 80)]
+        prefill_rows: usize,
+        #[command(flatten)]
+        common: BenchCommon,
+    },
+    /// Thinker prefill and decode tokens/s (real shapes, random Q8_0 weights made in memory).
+    Thinker {
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// Tokens to decode.
+        #[arg(long, default_value_t = 32)]
+        gen: usize,
+        /// Thinker decoder layers to load (48 = all, ~35 GB at Q8_0); fewer are extrapolated.
+        #[arg(long, default_value_t = 48)]
+        layers: usize,
+        #[command(flatten)]
+        common: BenchCommon,
+    },
+    /// End of user speech → first answer audio, stage by stage (real shapes, random Q8_0 weights).
+    Latency {
+        /// Seconds of user speech.
+        #[arg(long, default_value_t = 5.0)]
+        speech_seconds: f64,
+        /// Tokens of the system prompt.
+        #[arg(long, default_value_t = 40)]
+        system_tokens: usize,
+        /// Thinker decoder layers to load (48 = all, ~35 GB at Q8_0); fewer are extrapolated.
+        #[arg(long, default_value_t = 48)]
+        layers: usize,
+        /// Run the turn through the streaming conversation API (Thinker and Talker threads) instead
+        /// of the stage-by-stage composition.
+        #[arg(long)]
+        conversation: bool,
+        #[command(flatten)]
+        common: BenchCommon,
+    },
+}
+
+/// Options every in-memory bench takes.
+#[derive(Args, Clone)]
+struct BenchCommon {
+    /// Threads for candle (sets RAYON_NUM_THREADS and CANDLE_NUM_THREADS); default: physical cores.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Seed of the random weights and sampling.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Frames per streaming Code2Wav chunk (default: the product's).
+    #[arg(long)]
+    chunk_frames: Option<usize>,
 }
 
 #[derive(Args)]
@@ -86,6 +152,9 @@ struct RunArgs {
     /// An audio file for the user turn (wav, flac, mp3, ogg, m4a; repeatable, in order).
     #[arg(long = "audio", value_name = "FILE")]
     audio: Vec<PathBuf>,
+    /// An image file for the user turn (PNG or JPEG; repeatable, in order, after the audio).
+    #[arg(long = "image", value_name = "FILE")]
+    image: Vec<PathBuf>,
     /// Speak the answer into this WAV file (24 kHz mono 16-bit; written to a temp file, then renamed).
     #[arg(long, value_name = "WAV")]
     speech_out: Option<PathBuf>,
@@ -119,6 +188,11 @@ struct RunArgs {
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Stream the answer through the conversation API: the Talker starts on the Thinker's first
+    /// token and --speech-out grows chunk by chunk (temp file, renamed at the end); --json adds
+    /// timings.first_audio_ms.
+    #[arg(long)]
+    stream: bool,
 }
 
 /// A progress bar on stderr, hidden when stderr is not a terminal.
@@ -160,6 +234,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval(&args),
         Command::RandomCheckpoint(args) => random_checkpoint(&args),
         Command::Demo { prompt } => demo(&prompt),
+        Command::Talk(args) => omni_engine::realtime::talk::run(&args),
         Command::Bench { what, cache } => bench(&what, &cache),
     };
     match result {
@@ -204,9 +279,116 @@ fn run(args: &RunArgs) -> Result<()> {
     }
     let clips = load_audio_files(&args.audio)?;
     let names: Vec<String> = args.audio.iter().map(|p| p.display().to_string()).collect();
-    messages.push(user_turn(&names, &[], &[], Some(&args.prompt)));
+    let images = if args.image.is_empty() { Vec::new() } else { model.load_images(&args.image)? };
+    let image_names: Vec<String> = args.image.iter().map(|p| p.display().to_string()).collect();
+    messages.push(user_turn(&names, &image_names, &[], Some(&args.prompt)));
     let speech = speech_request(&model, args)?;
-    answer(&model, &messages, &clips, sampling, args.max_new_tokens, args.json, speech.as_ref())
+    if args.stream {
+        if !images.is_empty() {
+            bail!("--stream with --image is not supported yet");
+        }
+        return answer_streaming(model, args, clips, sampling, speech);
+    }
+    answer(&model, &messages, &clips, &images, sampling, args.max_new_tokens, args.json, speech.as_ref())
+}
+
+/// `--stream`: one turn of a [`omni_engine::conversation::Conversation`]; text deltas to stdout as
+/// they come, audio chunks appended to the WAV as they come. The JSON object is the one of
+/// [`answer`] plus `timings.first_audio_ms`.
+fn answer_streaming(
+    model: OmniModel,
+    args: &RunArgs,
+    clips: Vec<Vec<f32>>,
+    sampling: omni_engine::generation::SamplingParams,
+    speech: Option<SpeechRequest>,
+) -> Result<()> {
+    use omni_engine::conversation::{AnswerEvent, CancelToken, Conversation, ConversationOptions, UserTurn};
+    let model = std::sync::Arc::new(model);
+    let mut opts = ConversationOptions::new(&model);
+    opts.system = args.system.clone();
+    opts.sampling = sampling;
+    opts.max_new_tokens = args.max_new_tokens;
+    let sample_rate = speech.as_ref().map(|req| req.models.code2wav.sample_rate());
+    let (models, mut wav) = match speech {
+        Some(req) => {
+            opts.speaker = Some(req.speaker.clone());
+            opts.talker = req.params.clone();
+            let wav = omni_engine::speech::WavStream::create(&req.out, req.models.code2wav.sample_rate())?;
+            (Some(std::sync::Arc::new(req.models)), Some((wav, req.out)))
+        }
+        None => (None, None),
+    };
+    let mut conv = Conversation::new(model.clone(), models, opts)?;
+    let turn = UserTurn { audio: clips, text: Some(args.prompt.clone()) };
+    let stdout = std::io::stdout();
+    let mut write_error = None;
+    let summary = conv.answer(turn, CancelToken::new())?.wait(|ev| match ev {
+        AnswerEvent::TextDelta { text, .. } if !args.json => {
+            let mut lock = stdout.lock();
+            let _ = lock.write_all(text.as_bytes()).and_then(|_| lock.flush());
+        }
+        AnswerEvent::AudioChunk(chunk) => {
+            if let Some((w, _)) = wav.as_mut() {
+                if let Err(e) = w.append(&chunk.samples) {
+                    write_error.get_or_insert(e);
+                }
+            }
+        }
+        _ => {}
+    })?;
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    let t = &summary.timings;
+    if let Some((w, path)) = wav.take() {
+        let samples = w.samples();
+        w.finish()?;
+        eprintln!(
+            "speech: {} frames, {:.2} s of audio, first audio after {:.0} ms, done in {:.0} ms -> {}",
+            summary.codes.len(),
+            samples as f64 / f64::from(sample_rate.unwrap_or(24000)),
+            t.first_audio_ms.unwrap_or(f64::NAN),
+            t.total_ms,
+            path.display()
+        );
+    }
+    let n = summary.token_ids.len();
+    let prompt_ids = conv.cached_ids()[..summary.prompt_tokens].to_vec();
+    // The Thinker's time after the prefill (the Talker runs alongside).
+    let decode_ms = t.thinker_ms - t.audio_encode_ms - t.prefill_ms;
+    let timings = json!({
+        "load_ms": model.load_ms,
+        "prefill_ms": t.prefill_ms,
+        "decode_ms": decode_ms,
+        "prefill_tokens_per_s": prompt_ids.len() as f64 / (t.prefill_ms / 1e3).max(1e-9),
+        "decode_tokens_per_s": n.saturating_sub(1) as f64 / (decode_ms / 1e3).max(1e-9),
+        "first_audio_ms": t.first_audio_ms,
+    });
+    if args.json {
+        let mut obj = json!({
+            "prompt_token_ids": prompt_ids,
+            "token_ids": summary.token_ids,
+            "text": summary.text,
+            "finish_reason": summary.finish,
+            "timings": timings,
+        });
+        if let Some(rate) = sample_rate {
+            obj["codes"] = json!(summary.codes);
+            obj["sample_rate"] = json!(rate);
+        }
+        println!("{}", serde_json::to_string(&obj)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated ({:?}); prefill {:.1} ms, decode {:.1} tok/s]",
+            prompt_ids.len(),
+            n,
+            summary.finish,
+            t.prefill_ms,
+            timings["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
 }
 
 /// What `--speech-out` asks for, checked before anything is generated.
@@ -268,10 +450,12 @@ fn load_audio_files(paths: &[PathBuf]) -> Result<Vec<Vec<f32>>> {
     Ok(clips)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn answer(
     model: &OmniModel,
     messages: &[ChatMessage],
     clips: &[Vec<f32>],
+    images: &[omni_engine::vision::ImagePixels],
     sampling: omni_engine::generation::SamplingParams,
     max_new_tokens: usize,
     as_json: bool,
@@ -283,7 +467,11 @@ fn answer(
         eprintln!("encoding {seconds:.1} s of audio ...");
     }
     let encode_start = std::time::Instant::now();
-    let prompt = model.prepare(messages, &clip_refs)?;
+    let multimodal = model.prepare_multimodal(messages, &clip_refs, images)?;
+    let prompt = &multimodal.prompt;
+    if let Some(vision) = &multimodal.vision {
+        eprintln!("images encoded: {} tokens", vision.per_image.iter().sum::<usize>());
+    }
     if let Some(audio) = &prompt.audio {
         eprintln!(
             "audio encoded: {} tokens in {:.0} ms",
@@ -296,7 +484,7 @@ fn answer(
     let mut sampler = Sampler::new(sampling);
     let mut streamer = TextStreamer::new();
     let stdout = std::io::stdout();
-    let out = generate_from_embeds(&model.thinker, &prompt_ids, &prompt.embeds, &prompt.positions, &mut sampler, &stop, |id| {
+    let out = model.generate(&multimodal, &mut sampler, &stop, |id| {
         if !as_json {
             if let Some(delta) = streamer.push(&model.tokenizer, id)? {
                 let mut lock = stdout.lock();
@@ -315,7 +503,9 @@ fn answer(
             }
             let start = std::time::Instant::now();
             let answer =
-                req.models.speak(model, &prompt, &out, &stop.eos_ids, &req.speaker, &req.params, |_| Ok(true))?;
+                req.models.speak_multimodal(model, &multimodal, &out, &stop.eos_ids, &req.speaker, &req.params, |_| {
+                    Ok(true)
+                })?;
             omni_engine::speech::write_wav(&req.out, &answer.audio, answer.sample_rate)?;
             eprintln!(
                 "speech: {} frames, {:.2} s of audio in {:.0} ms -> {}",
@@ -367,13 +557,69 @@ fn answer(
 
 fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
     match what {
-        BenchWhat::AudioEncoder { seconds } => {
+        BenchWhat::AudioEncoder { seconds, streaming } => {
             if !(*seconds > 0.0 && *seconds <= 3600.0) {
                 bail!("--seconds must be in (0, 3600]");
+            }
+            if *streaming {
+                let r = omni_engine::audio::stream::bench_streaming_audio_encoder(cache, *seconds)?;
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
             }
             let r = omni_engine::bench::bench_audio_encoder(cache, *seconds)?;
             println!("{}", serde_json::to_string(&r)?);
         }
+        BenchWhat::Speech { frames, prefill_rows, common } => {
+            use omni_engine::bench::speech::{bench_speech, SpeechBenchOptions};
+            omni_engine::bench::machine::set_threads(common.threads)?;
+            let mut o = SpeechBenchOptions { frames: *frames, prefill_rows: *prefill_rows, seed: common.seed, ..Default::default() };
+            o.chunk_frames = common.chunk_frames.unwrap_or(o.chunk_frames);
+            let r = bench_speech(&o)?;
+            print_bench(common.json, &r.table(), &r)?;
+        }
+        BenchWhat::Thinker { prompt_tokens, gen, layers, common } => {
+            use omni_engine::bench::thinker::{bench_thinker, ThinkerBenchOptions};
+            omni_engine::bench::machine::set_threads(common.threads)?;
+            let o = ThinkerBenchOptions { prompt_tokens: *prompt_tokens, gen_tokens: *gen, layers: *layers, seed: common.seed };
+            let r = bench_thinker(&o)?;
+            print_bench(common.json, &r.table(), &r)?;
+        }
+        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: true, common } => {
+            omni_engine::bench::machine::set_threads(common.threads)?;
+            let r = omni_engine::bench::conversation::bench_conversation_latency(
+                *speech_seconds,
+                *system_tokens,
+                *layers,
+                common.chunk_frames.unwrap_or(8),
+                common.seed,
+            )?;
+            print_bench(common.json, &r.table(), &r)?;
+        }
+        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: false, common } => {
+            use omni_engine::bench::latency::{bench_latency, LatencyBenchOptions};
+            omni_engine::bench::machine::set_threads(common.threads)?;
+            let mut o = LatencyBenchOptions {
+                speech_seconds: *speech_seconds,
+                system_tokens: *system_tokens,
+                layers: *layers,
+                seed: common.seed,
+                ..Default::default()
+            };
+            o.chunk_frames = common.chunk_frames.unwrap_or(o.chunk_frames);
+            let r = bench_latency(&o)?;
+            print_bench(common.json, &r.table(), &r)?;
+        }
+    }
+    Ok(())
+}
+
+/// A bench result: the table on stdout, or JSON on stdout and the table on stderr.
+fn print_bench(json: bool, table: &str, result: &impl serde::Serialize) -> Result<()> {
+    if json {
+        eprint!("{table}");
+        println!("{}", serde_json::to_string_pretty(result)?);
+    } else {
+        print!("{table}");
     }
     Ok(())
 }
@@ -408,14 +654,14 @@ fn demo(prompt: &str) -> Result<()> {
     let model = OmniModel::load(&dir, &mut BarProgress(None))?;
     eprintln!("\n1) text prompt: {prompt}");
     let messages = vec![user_turn(&[], &[], &[], Some(prompt))];
-    answer(&model, &messages, &[], omni_engine::generation::SamplingParams::greedy(), 32, false, None)?;
+    answer(&model, &messages, &[], &[], omni_engine::generation::SamplingParams::greedy(), 32, false, None)?;
     // Beside the model link (lexically: `assets/demo-model` is a symlink into tests/fixtures).
     let sound = dir.parent().unwrap_or(Path::new(".")).join("sounds/speech.wav");
     if sound.exists() {
         eprintln!("\n2) audio prompt: {} + \"What does the speaker say?\"", sound.display());
         let clips = load_audio_files(std::slice::from_ref(&sound))?;
         let messages = vec![user_turn(&[sound.display().to_string()], &[], &[], Some("What does the speaker say?"))];
-        answer(&model, &messages, &clips, omni_engine::generation::SamplingParams::greedy(), 32, false, None)?;
+        answer(&model, &messages, &clips, &[], omni_engine::generation::SamplingParams::greedy(), 32, false, None)?;
     }
     Ok(())
 }

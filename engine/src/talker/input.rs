@@ -204,6 +204,75 @@ impl TalkerInput {
     }
 }
 
+/// Rows the assistant part adds to the Talker prefill after the user rows
+/// (`_get_talker_assistant_parts`: 3 text rows, 4 `tts_pad`, `tts_bos`, the first generated token).
+pub const ASSISTANT_PREFILL_ROWS: usize = 9;
+
+/// The Talker's own M-RoPE positions: the reference runs `get_rope_index` on `talker_input_ids` (the
+/// user-turn ids, then `tts_pad` for the assistant rows) with the prompt's image grids, so image tokens
+/// keep their `(t, h, w)` grid positions in the Talker too; every later step is at
+/// `cache length + delta` on all three streams (`compute_3d_position_ids`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TalkerRope {
+    /// Positions of the prefill rows (temporal, height, width).
+    pub prefill: [Vec<i64>; 3],
+    /// `max(prefill) + 1 - prefill length`.
+    pub delta: i64,
+}
+
+impl TalkerRope {
+    /// Derives the Talker positions from the Thinker's prompt positions `thinker` (three streams over
+    /// the whole prompt) at the user positions `user` (ascending), followed by `assistant_rows` text
+    /// rows. Why this equals `get_rope_index` on the Talker's ids: within a run of consecutive prompt
+    /// positions the Thinker applied the same rule (text: previous max + 1; an image block: its grid
+    /// offsets from previous max + 1), so the run only shifts by a constant; a run starts at a text
+    /// token (`<|im_start|>`), which the Talker places at its own previous max + 1. Audio tokens are
+    /// consecutive in both. The temporal stride of images (`position_id_per_seconds`) only matters for
+    /// more than one temporal patch, which images never have (the processor repeats the one frame).
+    pub fn from_thinker_positions(
+        thinker: &[Vec<i64>; 3],
+        user: &[usize],
+        assistant_rows: usize,
+    ) -> Result<Self> {
+        let len = thinker[0].len();
+        if thinker[1].len() != len || thinker[2].len() != len {
+            bail!("Thinker positions: the three M-RoPE streams have different lengths");
+        }
+        let mut out: [Vec<i64>; 3] = Default::default();
+        let mut next = 0i64; // the Talker's max position so far + 1
+        let mut shift = 0i64;
+        let mut prev: Option<usize> = None;
+        for &i in user {
+            if i >= len {
+                bail!("user position {i} is past the {len} Thinker positions");
+            }
+            let p = [thinker[0][i], thinker[1][i], thinker[2][i]];
+            if prev.map_or(true, |q| i != q + 1) {
+                if p[0] != p[1] || p[1] != p[2] {
+                    bail!("a user segment starts inside an image at prompt position {i}");
+                }
+                shift = next - p[0];
+            }
+            for (s, v) in out.iter_mut().zip(p) {
+                s.push(v + shift);
+                next = next.max(v + shift + 1);
+            }
+            prev = Some(i);
+        }
+        for _ in 0..assistant_rows {
+            for s in out.iter_mut() {
+                s.push(next);
+            }
+            next += 1;
+        }
+        let delta = next - out[0].len() as i64;
+        Ok(Self {
+            prefill: out,
+            delta,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +290,26 @@ mod tests {
         );
         assert_eq!(AcceptedState::new(4, 4).unwrap(), AcceptedState::FinalNorm);
         assert!(AcceptedState::new(5, 4).is_err());
+    }
+
+    #[test]
+    fn talker_rope_rebases_user_segments() {
+        // Prompt: system text 0..3, user: text 3..5, a 2x2 image block at 5..9 (grid from 5), text 9..11.
+        let t = [
+            vec![0, 1, 2, 3, 4, 5, 5, 5, 5, 7, 8],
+            vec![0, 1, 2, 3, 4, 5, 5, 6, 6, 7, 8],
+            vec![0, 1, 2, 3, 4, 5, 6, 5, 6, 7, 8],
+        ];
+        let user: Vec<usize> = (3..11).collect();
+        let r = TalkerRope::from_thinker_positions(&t, &user, 2).unwrap();
+        assert_eq!(r.prefill[0], vec![0, 1, 2, 2, 2, 2, 4, 5, 6, 7]);
+        assert_eq!(r.prefill[1], vec![0, 1, 2, 2, 3, 3, 4, 5, 6, 7]);
+        assert_eq!(r.prefill[2], vec![0, 1, 2, 3, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(r.delta, -2);
+        // Text only: plain positions, delta 0.
+        let plain = crate::thinker::rope::text_positions(0, 6);
+        let r = TalkerRope::from_thinker_positions(&plain, &[1, 2, 4, 5], 3).unwrap();
+        assert_eq!(r.prefill, crate::thinker::rope::text_positions(0, 7));
+        assert_eq!(r.delta, 0);
     }
 }

@@ -10,6 +10,8 @@
 //! * [`ResizeMlp`]: `talker.text_projection` / `talker.hidden_projection` (`Qwen3OmniMoeTalkerResizeMLP`)
 //!   mapping Thinker embeddings / hidden states into the Talker's width.
 //! * [`input::TalkerInput`]: the prefill sequence and the per-step text conditioning.
+//! * [`input::TalkerRope`]: the Talker's own M-RoPE positions when the prompt holds images (the
+//!   reference's `get_rope_index` on `talker_input_ids`), set with [`Talker::with_prefill_rope`].
 //! * [`generate`]: the frame loop (greedy or sampled with the reference defaults).
 
 pub mod code_predictor;
@@ -28,7 +30,7 @@ use code_predictor::CodePredictor;
 use model::{LayerCache, TalkerModel};
 
 pub use generate::{FrameStep, TalkerOutput, TalkerParams, TalkerStream};
-pub use input::TalkerInput;
+pub use input::{TalkerInput, TalkerRope};
 
 /// `Qwen3OmniMoeTalkerResizeMLP`: `fc2(silu(fc1(x)))`, both with bias.
 #[derive(Debug, Clone)]
@@ -60,6 +62,8 @@ pub struct Talker {
     pub text_projection: ResizeMlp,
     pub hidden_projection: ResizeMlp,
     pub code_predictor: CodePredictor,
+    /// The prefill's own M-RoPE positions (prompts with images); `None`: plain text positions.
+    prefill_rope: Option<std::sync::Arc<TalkerRope>>,
 }
 
 impl Talker {
@@ -97,7 +101,18 @@ impl Talker {
             text_projection,
             hidden_projection,
             code_predictor,
+            prefill_rope: None,
         })
+    }
+
+    /// This Talker (weights shared) with the M-RoPE positions of one prefill: a cache starting empty
+    /// takes `rope.prefill` for its first forward (which must have exactly that many rows), later steps
+    /// are at `cache length + rope.delta`.
+    pub fn with_prefill_rope(&self, rope: TalkerRope) -> Self {
+        Self {
+            prefill_rope: Some(std::sync::Arc::new(rope)),
+            ..self.clone()
+        }
     }
 
     pub fn config(&self) -> &TalkerConfig {
@@ -108,11 +123,28 @@ impl Talker {
         self.model.new_cache()
     }
 
-    /// Decoder + `codec_head` on `embeds [1, t, H]` at text positions `cache.len() ..`; returns the
-    /// final-norm hidden states `[1, t, H]` and logits `[1, t, vocab]`.
+    /// Decoder + `codec_head` on `embeds [1, t, H]` at positions `cache.len() ..` (text positions, or
+    /// those of [`Self::with_prefill_rope`]); returns the final-norm hidden states `[1, t, H]` and
+    /// logits `[1, t, vocab]`.
     pub fn forward(&self, embeds: &Tensor, cache: &mut LayerCache) -> Result<(Tensor, Tensor)> {
-        // Text-only talker input: the three M-RoPE streams are the plain positions (rope_deltas = 0).
-        let positions = text_positions(cache.len() as i64, embeds.dim(1)?);
+        let (past, t) = (cache.len(), embeds.dim(1)?);
+        let positions = match self.prefill_rope.as_deref() {
+            // Text (and audio) talker input: the three streams are the plain positions (rope_deltas = 0).
+            None => text_positions(past as i64, t),
+            Some(r) if past == 0 => {
+                if r.prefill[0].len() != t {
+                    bail!(
+                        "Talker prefill of {t} rows, but its M-RoPE positions cover {}",
+                        r.prefill[0].len()
+                    );
+                }
+                r.prefill.clone()
+            }
+            Some(r) if past < r.prefill[0].len() => {
+                bail!("the Talker prefill with M-RoPE positions must run in one forward (cache holds {past})")
+            }
+            Some(r) => text_positions(past as i64 + r.delta, t),
+        };
         let hidden = self.model.forward(embeds, &positions, cache)?;
         let logits = self.codec_head.forward(&hidden)?;
         Ok((hidden, logits))

@@ -257,11 +257,29 @@ impl ThinkerText {
         cache: &mut KvCache,
         capture: &[usize],
     ) -> Result<ThinkerStep> {
+        self.forward_with_deepstack(embeds, positions, cache, capture, None)
+    }
+
+    /// As [`Self::forward`], adding the vision tower's deepstack features to the visual positions of
+    /// this chunk after decoder layers `0..levels` (the reference's `_deepstack_process`). Captured
+    /// layer outputs are taken before the addition, as the reference's output hooks see them.
+    pub fn forward_with_deepstack(
+        &self,
+        embeds: &Tensor,
+        positions: &[Vec<i64>; 3],
+        cache: &mut KvCache,
+        capture: &[usize],
+        deepstack: Option<&Deepstack>,
+    ) -> Result<ThinkerStep> {
         let t = embeds.dim(1)?;
         let past = cache.len();
         // 1. Rotary tables for the new positions and the causal mask over [past + t].
         let (cos, sin) = self.rope.cos_sin(positions, &self.device)?;
         let mask = if t > 1 { Some(causal_mask(t, past, &self.device)?) } else { None };
+        let injection = match deepstack {
+            Some(d) => d.rows_for_chunk(past, t, &self.device)?,
+            None => None,
+        };
         // 2. Decoder layers.
         let mut x = embeds.clone();
         let mut captured = vec![None; capture.len()];
@@ -270,6 +288,11 @@ impl ThinkerText {
             for (slot, &want) in captured.iter_mut().zip(capture) {
                 if want == l {
                     *slot = Some(x.clone());
+                }
+            }
+            if let (Some(d), Some(rows)) = (deepstack, &injection) {
+                if let Some(level) = d.levels.get(l) {
+                    x = d.add_level(&x, level, rows)?;
                 }
             }
         }
@@ -293,6 +316,52 @@ impl ThinkerText {
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?;
         Ok(self.logits(&last)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// Deepstack features of a prompt: after decoder layer `l < levels.len()`, row `k` of `levels[l]` is
+/// added to the hidden state at prompt position `positions[k]` (the visual tokens, in order).
+#[derive(Debug, Clone)]
+pub struct Deepstack {
+    /// Absolute prompt positions of the visual tokens, ascending.
+    pub positions: Vec<usize>,
+    /// `[positions.len(), hidden]` per level.
+    pub levels: Vec<Tensor>,
+}
+
+impl Deepstack {
+    pub fn new(positions: Vec<usize>, levels: Vec<Tensor>) -> Result<Self> {
+        for (i, level) in levels.iter().enumerate() {
+            if level.dim(0)? != positions.len() {
+                bail!("deepstack level {i} has {} rows for {} visual positions", level.dim(0)?, positions.len());
+            }
+        }
+        if positions.windows(2).any(|w| w[0] >= w[1]) {
+            bail!("deepstack positions must be strictly ascending");
+        }
+        Ok(Self { positions, levels })
+    }
+
+    /// For a chunk of `t` tokens starting at `past`: per chunk row, 0 (no visual token) or 1 + its row
+    /// in the levels; `None` when the chunk has no visual token.
+    fn rows_for_chunk(&self, past: usize, t: usize, device: &Device) -> Result<Option<Tensor>> {
+        let mut source = vec![0u32; t];
+        let mut any = false;
+        for (k, &p) in self.positions.iter().enumerate() {
+            if p >= past && p < past + t {
+                source[p - past] = k as u32 + 1;
+                any = true;
+            }
+        }
+        Ok(if any { Some(Tensor::from_vec(source, t, device)?) } else { None })
+    }
+
+    /// `x [1, t, h]` plus the level's rows at the visual positions (zero elsewhere).
+    fn add_level(&self, x: &Tensor, level: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let h = level.dim(1)?;
+        let table = Tensor::cat(&[&Tensor::zeros((1, h), level.dtype(), level.device())?, level], 0)?;
+        let add = table.index_select(rows, 0)?.unsqueeze(0)?;
+        Ok(x.broadcast_add(&add.to_dtype(x.dtype())?)?)
     }
 }
 

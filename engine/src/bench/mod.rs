@@ -1,5 +1,12 @@
 //! `omni bench`: speed at the real model's shapes on random weights (speed does not depend on the
-//! values). Each bench writes what it needs to a cache directory once, then times the stage.
+//! values). `audio-encoder` writes its weights to a cache directory once; `speech`, `thinker` and
+//! `latency` load every stage through its ordinary loader from random Q8_0 weights made in memory
+//! ([`WeightStore::random`], see [`random_weights`]), so they need no files at all.
+//!
+//! * [`speech`]: Talker frames/s, code predictor ms per frame, streaming Code2Wav ms per second of
+//!   audio, real-time factor, time to the first audio chunk.
+//! * [`thinker`]: prefill and decode tokens/s (optionally on fewer layers, extrapolated).
+//! * [`latency`]: end of user speech → first answer audio, stage by stage.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,8 +21,16 @@ use crate::audio_encoder::{AudioEncoder, ClipFeatures};
 use crate::config::{AudioEncoderConfig, OmniConfig};
 use crate::weights::WeightStore;
 
+pub mod conversation;
+pub mod latency;
+pub mod machine;
+pub mod random_weights;
+pub mod speech;
+pub mod thinker;
+
 /// The real Qwen3-Omni-30B-A3B-Instruct config, compiled in.
-pub const REAL_CONFIG: &str = include_str!("../../tests/fixtures/configs/qwen3-omni-30b-a3b-instruct.json");
+pub const REAL_CONFIG: &str =
+    include_str!("../../../tests/fixtures/configs/qwen3-omni-30b-a3b-instruct.json");
 
 pub fn real_config() -> Result<OmniConfig> {
     OmniConfig::from_json_str(REAL_CONFIG).context("the bundled real config")
@@ -60,7 +75,11 @@ pub fn audio_tower_tensors(cfg: &AudioEncoderConfig) -> Vec<(String, Vec<usize>)
 }
 
 /// Writes random bf16 tensors as `dir/model.safetensors` (temp file, then rename), unless present.
-pub fn write_random_safetensors(dir: &Path, tensors: &[(String, Vec<usize>)], seed: u64) -> Result<()> {
+pub fn write_random_safetensors(
+    dir: &Path,
+    tensors: &[(String, Vec<usize>)],
+    seed: u64,
+) -> Result<()> {
     let path = dir.join("model.safetensors");
     if path.exists() {
         return Ok(());
@@ -74,7 +93,11 @@ pub fn write_random_safetensors(dir: &Path, tensors: &[(String, Vec<usize>)], se
             let is_norm = name.contains("norm") || name.contains("ln_");
             (0..n)
                 .flat_map(|_| {
-                    let v: f32 = if is_norm && name.ends_with("weight") { 1.0 } else { (rng.random::<f32>() - 0.5) * 0.04 };
+                    let v: f32 = if is_norm && name.ends_with("weight") {
+                        1.0
+                    } else {
+                        (rng.random::<f32>() - 0.5) * 0.04
+                    };
                     bf16::from_f32(v).to_le_bytes()
                 })
                 .collect()
@@ -84,7 +107,10 @@ pub fn write_random_safetensors(dir: &Path, tensors: &[(String, Vec<usize>)], se
         .iter()
         .zip(&buffers)
         .map(|((name, shape), buf)| {
-            Ok((name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), buf)?))
+            Ok((
+                name.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), buf)?,
+            ))
         })
         .collect::<Result<_>>()?;
     let tmp = dir.join("model.safetensors.tmp");
@@ -107,21 +133,32 @@ pub struct AudioEncoderBench {
 /// Times mel + AuT encoder at the real shapes on `seconds` of synthetic audio.
 pub fn bench_audio_encoder(cache: &Path, seconds: f64) -> Result<AudioEncoderBench> {
     let cfg = real_config()?;
-    let acfg = cfg.thinker_config.audio_config.context("real config has an audio encoder")?;
+    let acfg = cfg
+        .thinker_config
+        .audio_config
+        .context("real config has an audio encoder")?;
     let dir: PathBuf = cache.join("real-audio-tower");
-    eprintln!("bench: random real-shape audio tower in {} (written once)", dir.display());
+    eprintln!(
+        "bench: random real-shape audio tower in {} (written once)",
+        dir.display()
+    );
     write_random_safetensors(&dir, &audio_tower_tensors(&acfg), 7)?;
     let store = WeightStore::open(&dir)?;
     let encoder = AudioEncoder::new(&acfg, &store.root().pp("thinker.audio_tower"))?;
     let mel = LogMelExtractor::new(&MelConfig::qwen3_omni())?;
     let n = (seconds * 16000.0) as usize;
-    let samples: Vec<f32> = (0..n).map(|i| 0.3 * (i as f32 * 0.05).sin() * ((i / 800) % 3) as f32).collect();
+    let samples: Vec<f32> = (0..n)
+        .map(|i| 0.3 * (i as f32 * 0.05).sin() * ((i / 800) % 3) as f32)
+        .collect();
     let start = Instant::now();
     let batch = mel.extract(&[&samples])?;
     let mel_ms = start.elapsed().as_secs_f64() * 1e3;
     let valid = batch.clip_valid(0);
     let start = Instant::now();
-    let tokens = encoder.forward(&[ClipFeatures { mel: &valid, frames: batch.valid_frames[0] }])?;
+    let tokens = encoder.forward(&[ClipFeatures {
+        mel: &valid,
+        frames: batch.valid_frames[0],
+    }])?;
     let encoder_ms = start.elapsed().as_secs_f64() * 1e3;
     Ok(AudioEncoderBench {
         audio_seconds: seconds,

@@ -1,0 +1,325 @@
+//! The model thread: answers user turns, streaming text to the controller and audio to the
+//! playback thread, and stops when the turn's cancel token is set (barge-in).
+//!
+//! Two back ends produce the same [`AnswerEvent`]s:
+//! - [`Backend::Conversation`]: [`crate::conversation::Conversation`] — KV cache reused across turns,
+//!   Talker and Code2Wav streaming while the Thinker runs (the default);
+//! - [`Backend::Offline`]: the `omni run` path (re-prefill of the whole history each turn, speech after
+//!   the text), kept as a reference and a fallback.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::chat::{ChatMessage, ContentItem};
+use crate::conversation::{
+    AnswerEvent, AudioChunk, CancelToken, Conversation, ConversationOptions, TurnSummary, UserTurn,
+};
+use crate::generation::{generate_from_embeds, FinishReason, Sampler, StopRule};
+use crate::pipeline::{NoProgress, OmniModel};
+use crate::speech::SpeechModels;
+
+use super::playback::PlaybackCommand;
+
+/// Which implementation answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Conversation,
+    Offline,
+}
+
+/// A user turn to answer.
+pub struct AnswerRequest {
+    pub turn: u64,
+    pub samples: Vec<f32>,
+    pub cancel: CancelToken,
+    /// Tokens of history kept before the conversation is reset.
+    pub max_context_tokens: usize,
+}
+
+/// What the model thread reports to the controller.
+pub enum ModelEvent {
+    Loaded {
+        load_ms: f64,
+        speaks: bool,
+    },
+    TextDelta {
+        turn: u64,
+        text: String,
+    },
+    /// An audio chunk went to the playback thread.
+    Audio {
+        turn: u64,
+        samples: usize,
+    },
+    Done {
+        turn: u64,
+        summary: Box<TurnSummary>,
+    },
+    Failed {
+        turn: Option<u64>,
+        message: String,
+    },
+}
+
+/// Loads `model_dir` on the model thread and answers requests until the channel closes.
+pub fn spawn_model_thread(
+    model_dir: PathBuf,
+    backend: Backend,
+    options: impl FnOnce(&OmniModel) -> Result<ConversationOptions> + Send + 'static,
+    requests: Receiver<AnswerRequest>,
+    events: Sender<ModelEvent>,
+    playback: Sender<PlaybackCommand>,
+) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("omni-model".into())
+        .spawn(move || {
+            let fail = |e: anyhow::Error| {
+                let _ = events.send(ModelEvent::Failed {
+                    turn: None,
+                    message: format!("{e:#}"),
+                });
+            };
+            let start = Instant::now();
+            let model = match OmniModel::load(&model_dir, &mut NoProgress) {
+                Ok(m) => Arc::new(m),
+                Err(e) => return fail(e),
+            };
+            let speech = if model.config.has_talker() && model.config.talker_config.is_some() {
+                match SpeechModels::load(&model) {
+                    Ok(s) => Some(Arc::new(s)),
+                    Err(e) => return fail(e),
+                }
+            } else {
+                None
+            };
+            let opts = match options(&model) {
+                Ok(o) => o,
+                Err(e) => return fail(e),
+            };
+            let mut answerer = match Answerer::new(backend, model, speech.clone(), opts) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            let _ = events.send(ModelEvent::Loaded {
+                load_ms: start.elapsed().as_secs_f64() * 1e3,
+                speaks: speech.is_some(),
+            });
+            for req in requests.iter() {
+                let turn = req.turn;
+                let mut sent_end = false;
+                let result = answerer.answer(req, &mut |ev| match ev {
+                    AnswerEvent::TextDelta { text, .. } => {
+                        if !text.is_empty() {
+                            let _ = events.send(ModelEvent::TextDelta { turn, text });
+                        }
+                    }
+                    AnswerEvent::AudioChunk(chunk) => {
+                        let n = chunk.samples.len();
+                        let _ = playback.send(PlaybackCommand::Audio {
+                            turn,
+                            samples: chunk.samples,
+                        });
+                        let _ = events.send(ModelEvent::Audio { turn, samples: n });
+                    }
+                    AnswerEvent::Done(summary) => {
+                        let _ = playback.send(PlaybackCommand::End { turn });
+                        sent_end = true;
+                        let _ = events.send(ModelEvent::Done {
+                            turn,
+                            summary: Box::new(summary),
+                        });
+                    }
+                    AnswerEvent::Error(message) => {
+                        let _ = events.send(ModelEvent::Failed {
+                            turn: Some(turn),
+                            message,
+                        });
+                    }
+                    _ => {}
+                });
+                if let Err(e) = result {
+                    let _ = events.send(ModelEvent::Failed {
+                        turn: Some(turn),
+                        message: format!("{e:#}"),
+                    });
+                }
+                if !sent_end {
+                    let _ = playback.send(PlaybackCommand::End { turn });
+                }
+            }
+        })
+        .context("cannot start the model thread")
+}
+
+enum Answerer {
+    Conversation(Box<Conversation>),
+    Offline(Box<Offline>),
+}
+
+impl Answerer {
+    fn new(
+        backend: Backend,
+        model: Arc<OmniModel>,
+        speech: Option<Arc<SpeechModels>>,
+        opts: ConversationOptions,
+    ) -> Result<Self> {
+        Ok(match backend {
+            Backend::Conversation => Self::Conversation(Box::new(Conversation::new(model, speech, opts)?)),
+            Backend::Offline => Self::Offline(Box::new(Offline::new(model, speech, opts)?)),
+        })
+    }
+
+    fn answer(&mut self, req: AnswerRequest, on: &mut dyn FnMut(AnswerEvent)) -> Result<()> {
+        match self {
+            Self::Conversation(conv) => {
+                // A bounded context: past the limit the chat starts afresh (memory stays flat in a
+                // long session; the KV cache is the only thing that grows with the history).
+                if conv.cached_tokens() > req.max_context_tokens {
+                    conv.reset();
+                }
+                for ev in conv.answer(UserTurn::audio(req.samples), req.cancel)? {
+                    on(ev);
+                }
+                Ok(())
+            }
+            Self::Offline(o) => o.answer(req, on),
+        }
+    }
+}
+
+/// The `omni run` path over a growing message list.
+struct Offline {
+    model: Arc<OmniModel>,
+    speech: Option<Arc<SpeechModels>>,
+    speaker: Option<String>,
+    opts: ConversationOptions,
+    messages: Vec<ChatMessage>,
+    clips: Vec<Vec<f32>>,
+}
+
+/// Audio chunk length sent to playback by the offline path (its audio exists all at once).
+const OFFLINE_CHUNK: usize = 24_000 / 25;
+
+impl Offline {
+    fn new(model: Arc<OmniModel>, speech: Option<Arc<SpeechModels>>, opts: ConversationOptions) -> Result<Self> {
+        let speaker = match &speech {
+            Some(s) => {
+                let name = match &opts.speaker {
+                    Some(n) => n.clone(),
+                    None => s.default_speaker().context("the checkpoint lists no speakers")?,
+                };
+                s.speaker_id(&name)?;
+                Some(name)
+            }
+            None => None,
+        };
+        let mut messages = Vec::new();
+        if let Some(system) = &opts.system {
+            messages.push(ChatMessage::text("system", system));
+        }
+        Ok(Self {
+            model,
+            speech,
+            speaker,
+            opts,
+            messages,
+            clips: Vec::new(),
+        })
+    }
+
+    fn answer(&mut self, req: AnswerRequest, on: &mut dyn FnMut(AnswerEvent)) -> Result<()> {
+        let start = Instant::now();
+        let model = &*self.model;
+        self.clips.push(req.samples);
+        let clip = ContentItem::Audio {
+            audio: format!("clip-{}", self.clips.len() - 1),
+        };
+        self.messages.push(ChatMessage {
+            role: "user".into(),
+            content: vec![clip],
+        });
+        let clip_refs: Vec<&[f32]> = self.clips.iter().map(Vec::as_slice).collect();
+        let prompt = model.prepare(&self.messages, &clip_refs)?;
+        let stop = StopRule {
+            eos_ids: model.eos_ids()?,
+            max_new_tokens: self.opts.max_new_tokens,
+        };
+        let mut sampler = Sampler::new(self.opts.sampling.clone());
+        let mut streamer = crate::tokenizer::TextStreamer::new();
+        let cancel = req.cancel.clone();
+        let mut first_token_ms = None;
+        let out = generate_from_embeds(
+            &model.thinker,
+            &prompt.ids,
+            &prompt.embeds,
+            &prompt.positions,
+            &mut sampler,
+            &stop,
+            |id| {
+                first_token_ms.get_or_insert(start.elapsed().as_secs_f64() * 1e3);
+                let text = streamer.push(&model.tokenizer, id)?.unwrap_or_default();
+                on(AnswerEvent::TextDelta { text, token_id: id });
+                Ok(!cancel.is_cancelled())
+            },
+        )?;
+        let thinker_ms = start.elapsed().as_secs_f64() * 1e3;
+        let text = model.tokenizer.decode(&out.token_ids, true)?;
+        let mut codes = Vec::new();
+        let mut audio_samples = 0;
+        let mut first_audio_ms = None;
+        let mut speech_finish = None;
+        if let (Some(speech), Some(speaker), false) = (&self.speech, &self.speaker, req.cancel.is_cancelled()) {
+            let c = req.cancel.clone();
+            let spoken = speech.speak(model, &prompt, &out, &stop.eos_ids, speaker, &self.opts.talker, |_| {
+                Ok(!c.is_cancelled())
+            })?;
+            first_audio_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+            for (i, piece) in spoken.audio.chunks(OFFLINE_CHUNK).enumerate() {
+                if req.cancel.is_cancelled() {
+                    break;
+                }
+                on(AnswerEvent::AudioChunk(AudioChunk {
+                    samples: piece.to_vec(),
+                    sample_rate: spoken.sample_rate,
+                    first_frame: 0,
+                    frames: 0,
+                    first_sample: i * OFFLINE_CHUNK,
+                    text_tokens: out.token_ids.len(),
+                }));
+                audio_samples += piece.len();
+            }
+            codes = spoken.codes;
+            speech_finish = Some(spoken.finish);
+        }
+        self.messages.push(ChatMessage::text("assistant", &text));
+        let finish = if req.cancel.is_cancelled() {
+            FinishReason::Cancelled
+        } else {
+            out.finish
+        };
+        on(AnswerEvent::Done(TurnSummary {
+            token_ids: out.token_ids.clone(),
+            text,
+            finish,
+            codes,
+            speech_finish,
+            audio_samples,
+            prompt_tokens: prompt.ids.len(),
+            reused_tokens: 0,
+            timings: crate::conversation::TurnTimings {
+                audio_encode_ms: 0.0,
+                prefill_ms: out.prefill_ms,
+                first_token_ms,
+                first_audio_ms,
+                thinker_ms,
+                total_ms: start.elapsed().as_secs_f64() * 1e3,
+            },
+        }));
+        Ok(())
+    }
+}
