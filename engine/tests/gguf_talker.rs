@@ -9,16 +9,12 @@ mod common;
 use std::path::Path;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
-use omni_engine::audio_encoder::{scatter_audio, AudioTokens};
-use omni_engine::generation::{
-    generate_from_embeds, FinishReason, Sampler, SamplingParams, StopRule,
-};
+use candle_core::Tensor;
 use omni_engine::gguf::model::GgufModelFiles;
 use omni_engine::gguf::quantize::{quantize, NoQuantizeProgress, QuantizeOptions};
 use omni_engine::gguf::GgmlType;
 use omni_engine::pipeline::{NoProgress, OmniModel};
-use omni_engine::talker::input::{AcceptedState, SpecialIds, ThinkerStates};
+use omni_engine::talker::input::{SpecialIds, ThinkerStates};
 use omni_engine::talker::{Talker, TalkerInput};
 use serde::Deserialize;
 
@@ -40,67 +36,6 @@ struct Case {
     thinker_eos: Vec<u32>,
     sequences: Vec<u32>,
     codes: Vec<Vec<u32>>,
-}
-
-/// The f32 Thinker run the reference's `generate` conditions the Talker on: (layer-0 embeddings,
-/// accept-layer states, the generated sequence with its eos).
-fn thinker_states(m: &OmniModel, case: &Case, dir: &Path) -> Result<(Tensor, Tensor, Vec<u32>)> {
-    let stop = StopRule {
-        eos_ids: case.thinker_eos.clone(),
-        max_new_tokens: case.thinker_max_new_tokens,
-    };
-    let mut prompt_embeds = m.thinker.embed(&case.prompt_ids)?;
-    if case.audio {
-        let t = candle_core::safetensors::load(
-            dir.join("golden/thinker_audio.safetensors"),
-            &Device::Cpu,
-        )?;
-        let feats = t[&format!("{}.audio_features", case.prompt)].clone();
-        let tokens = AudioTokens {
-            per_clip: vec![feats.dim(0)?],
-            embeddings: feats,
-        };
-        let pad = m.config.thinker_config.audio_token_id.unwrap();
-        prompt_embeds = scatter_audio(&prompt_embeds, &case.prompt_ids, pad, &tokens)?;
-    }
-    let positions = omni_engine::thinker::rope::text_positions(0, case.prompt_ids.len());
-    let mut sampler = Sampler::new(SamplingParams::greedy());
-    let out = generate_from_embeds(
-        &m.thinker,
-        &case.prompt_ids,
-        &prompt_embeds,
-        &positions,
-        &mut sampler,
-        &stop,
-        |_| Ok(true),
-    )?;
-    let mut seq = case.prompt_ids.clone();
-    seq.extend(&out.token_ids);
-    if out.finish == FinishReason::Eos {
-        seq.extend(case.sequences[seq.len()..].iter().take(1));
-    }
-    let n = seq.len() - 1;
-    let p = case.prompt_ids.len();
-    let embeds = Tensor::cat(&[prompt_embeds, m.thinker.embed(&seq[p..n])?], 1)?;
-    let accept = m.config.talker_config.as_ref().unwrap().accept_hidden_layer;
-    let which = AcceptedState::new(accept, m.thinker.config().num_hidden_layers)?;
-    let capture: Vec<usize> = match which {
-        AcceptedState::LayerOutput(l) => vec![l],
-        _ => vec![],
-    };
-    let mut cache = m.thinker.new_cache();
-    let step = m.thinker.forward(
-        &embeds,
-        &omni_engine::thinker::rope::text_positions(0, n),
-        &mut cache,
-        &capture,
-    )?;
-    let hidden = match which {
-        AcceptedState::Embeddings => embeds.clone(),
-        AcceptedState::LayerOutput(_) => step.captured[0].clone(),
-        AcceptedState::FinalNorm => step.hidden,
-    };
-    Ok((embeds.squeeze(0)?, hidden.squeeze(0)?, seq))
 }
 
 /// Logits of every teacher-forced step: (codebook-0 logits per frame after the special-id
@@ -167,6 +102,22 @@ struct Agreement {
     cp: (usize, usize),
     talker_nmse: (Vec<f32>, Vec<f32>),
     cp_nmse: (Vec<f32>, Vec<f32>),
+}
+
+/// The Thinker states of a golden Talker case (the shared helper in `common`).
+fn thinker_states(m: &OmniModel, case: &Case, dir: &Path) -> Result<(Tensor, Tensor, Vec<u32>)> {
+    let audio_features =
+        if case.audio { Some(common::golden_audio_features(dir, &case.prompt, None)?) } else { None };
+    common::talker_thinker_states(
+        m,
+        &common::TalkerCaseRun {
+            prompt_ids: &case.prompt_ids,
+            thinker_eos: &case.thinker_eos,
+            thinker_max_new_tokens: case.thinker_max_new_tokens,
+            sequences: &case.sequences,
+            audio_features,
+        },
+    )
 }
 
 #[test]

@@ -12,12 +12,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use omni_engine::audio_encoder::{scatter_audio, AudioTokens};
-use omni_engine::generation::{
-    generate_from_embeds, FinishReason, Sampler, SamplingParams, StopRule,
-};
 use omni_engine::pipeline::{NoProgress, OmniModel};
-use omni_engine::talker::input::{AcceptedState, SpecialIds, ThinkerStates};
+use omni_engine::talker::input::{SpecialIds, ThinkerStates};
 use omni_engine::talker::{Talker, TalkerInput, TalkerParams};
 use serde::Deserialize;
 
@@ -58,77 +54,20 @@ fn case<'a>(golden: &'a Golden, name: &str) -> &'a Case {
         .unwrap_or_else(|| panic!("no case {name}"))
 }
 
-/// The Thinker run the Talker conditions on, as the reference's `generate` sees it (copied from
-/// talker_golden.rs). Audio cases take the reference encoder's output (golden.json's thinker_audio
-/// case) scattered into the audio pads, all clips in prompt order.
+/// The Thinker states of a golden Talker case (the shared helper in `common`).
 fn thinker_states(m: &OmniModel, case: &Case, dir: &Path) -> Result<(Tensor, Tensor, Vec<u32>)> {
-    let stop = StopRule {
-        eos_ids: case.thinker_eos.clone(),
-        max_new_tokens: case.thinker_max_new_tokens,
-    };
-    let mut sampler = Sampler::new(SamplingParams::greedy());
-    let mut prompt_embeds = m.thinker.embed(&case.prompt_ids)?;
-    if case.audio {
-        // golden.json's audio prompts keep their encoder output in thinker_audio.safetensors; the
-        // prompts made by make_talker_history_fixtures.py keep it beside their codes.
-        let key = format!("{}.audio_features", case.prompt);
-        let mut t = candle_core::safetensors::load(
-            dir.join("golden/thinker_audio.safetensors"),
-            &Device::Cpu,
-        )?;
-        if !t.contains_key(&key) {
-            t = candle_core::safetensors::load(
-                dir.join("golden/talker_history.safetensors"),
-                &Device::Cpu,
-            )?;
-        }
-        let feats = t[&key].clone();
-        let tokens = AudioTokens {
-            per_clip: vec![feats.dim(0)?],
-            embeddings: feats,
-        };
-        let pad = m.config.thinker_config.audio_token_id.unwrap();
-        prompt_embeds = scatter_audio(&prompt_embeds, &case.prompt_ids, pad, &tokens)?;
-    }
-    let positions = omni_engine::thinker::rope::text_positions(0, case.prompt_ids.len());
-    let out = generate_from_embeds(
-        &m.thinker,
-        &case.prompt_ids,
-        &prompt_embeds,
-        &positions,
-        &mut sampler,
-        &stop,
-        |_| Ok(true),
-    )?;
-    let mut seq = case.prompt_ids.clone();
-    seq.extend(&out.token_ids);
-    if out.finish == FinishReason::Eos {
-        // generate_text drops the eos id; the reference sequence keeps it.
-        let rest = &case.sequences[seq.len()..];
-        seq.extend(rest.iter().take(1));
-    }
-    // All positions but the last generated id were forwarded by the reference.
-    let n = seq.len() - 1;
-    let accept = m.config.talker_config.as_ref().unwrap().accept_hidden_layer;
-    let layers = m.thinker.config().num_hidden_layers;
-    let p = case.prompt_ids.len();
-    let embeds = Tensor::cat(&[prompt_embeds, m.thinker.embed(&seq[p..n])?], 1)?;
-    let positions = omni_engine::thinker::rope::text_positions(0, n);
-    let mut cache = m.thinker.new_cache();
-    let which = AcceptedState::new(accept, layers)?;
-    let capture: Vec<usize> = match which {
-        AcceptedState::LayerOutput(l) => vec![l],
-        _ => vec![],
-    };
-    let step = m
-        .thinker
-        .forward(&embeds, &positions, &mut cache, &capture)?;
-    let hidden = match which {
-        AcceptedState::Embeddings => embeds.clone(),
-        AcceptedState::LayerOutput(_) => step.captured[0].clone(),
-        AcceptedState::FinalNorm => step.hidden,
-    };
-    Ok((embeds.squeeze(0)?, hidden.squeeze(0)?, seq))
+    let audio_features =
+        if case.audio { Some(common::golden_audio_features(dir, &case.prompt, Some("talker_history.safetensors"))?) } else { None };
+    common::talker_thinker_states(
+        m,
+        &common::TalkerCaseRun {
+            prompt_ids: &case.prompt_ids,
+            thinker_eos: &case.thinker_eos,
+            thinker_max_new_tokens: case.thinker_max_new_tokens,
+            sequences: &case.sequences,
+            audio_features,
+        },
+    )
 }
 
 #[test]
