@@ -269,6 +269,39 @@ fn error_handler(
     }
 }
 
+/// The device's default configuration with a fixed buffer of about `buffer_ms` (cpal's default
+/// buffer can be huge); returns it and the buffer's frames.
+fn fixed_config(supported: &cpal::SupportedStreamConfig, buffer_ms: u32) -> (StreamConfig, u32) {
+    let rate = supported.sample_rate();
+    let buffer_frames = fixed_buffer(supported.buffer_size(), rate, buffer_ms);
+    let config = StreamConfig {
+        channels: supported.channels(),
+        sample_rate: rate,
+        buffer_size: BufferSize::Fixed(buffer_frames),
+    };
+    (config, buffer_frames)
+}
+
+/// Starts a built stream.
+fn start(
+    stream: cpal::Stream,
+    name: String,
+    kind: &str,
+    config: &StreamConfig,
+    buffer_frames: u32,
+) -> Result<OpenStream> {
+    stream
+        .play()
+        .with_context(|| format!("cannot start {kind} device {name}"))?;
+    Ok(OpenStream {
+        stream,
+        name,
+        rate: config.sample_rate,
+        channels: config.channels,
+        buffer_frames,
+    })
+}
+
 /// Opens `device` for capture into `tap`.
 pub fn open_input(
     device: &cpal::Device,
@@ -280,14 +313,8 @@ pub fn open_input(
     let supported = device
         .default_input_config()
         .with_context(|| format!("{name}: no input configuration"))?;
-    let rate = supported.sample_rate();
-    let channels = supported.channels();
-    let buffer_frames = fixed_buffer(supported.buffer_size(), rate, buffer_ms);
-    let config = StreamConfig {
-        channels,
-        sample_rate: rate,
-        buffer_size: BufferSize::Fixed(buffer_frames),
-    };
+    let (config, buffer_frames) = fixed_config(&supported, buffer_ms);
+    let (rate, channels) = (config.sample_rate, config.channels);
     let err = error_handler(tap.shared.clone(), "input", errors);
     let stream = match supported.sample_format() {
         SampleFormat::F32 => build_input::<f32>(device, &config, tap, err),
@@ -298,16 +325,7 @@ pub fn open_input(
         other => bail!("{name}: input sample format {other} is not supported"),
     }
     .with_context(|| format!("cannot open input device {name} ({rate} Hz, {channels} ch, {buffer_frames} frames)"))?;
-    stream
-        .play()
-        .with_context(|| format!("cannot start input device {name}"))?;
-    Ok(OpenStream {
-        stream,
-        name,
-        rate,
-        channels,
-        buffer_frames,
-    })
+    start(stream, name, "input", &config, buffer_frames)
 }
 
 fn build_input<T: SizedSample + Send + 'static>(
@@ -339,14 +357,8 @@ pub fn open_output(
     let supported = device
         .default_output_config()
         .with_context(|| format!("{name}: no output configuration"))?;
-    let rate = supported.sample_rate();
-    let channels = supported.channels();
-    let buffer_frames = fixed_buffer(supported.buffer_size(), rate, buffer_ms);
-    let config = StreamConfig {
-        channels,
-        sample_rate: rate,
-        buffer_size: BufferSize::Fixed(buffer_frames),
-    };
+    let (config, buffer_frames) = fixed_config(&supported, buffer_ms);
+    let (rate, channels) = (config.sample_rate, config.channels);
     let err = error_handler(tap.shared.clone(), "output", errors);
     let stream = match supported.sample_format() {
         SampleFormat::F32 => build_output::<f32>(device, &config, tap, err),
@@ -357,16 +369,7 @@ pub fn open_output(
         other => bail!("{name}: output sample format {other} is not supported"),
     }
     .with_context(|| format!("cannot open output device {name} ({rate} Hz, {channels} ch, {buffer_frames} frames)"))?;
-    stream
-        .play()
-        .with_context(|| format!("cannot start output device {name}"))?;
-    Ok(OpenStream {
-        stream,
-        name,
-        rate,
-        channels,
-        buffer_frames,
-    })
+    start(stream, name, "output", &config, buffer_frames)
 }
 
 fn build_output<T: SizedSample + FromSample<f32> + Send + 'static>(
