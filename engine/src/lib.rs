@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod hub;
 pub mod nn;
 pub mod pipeline;
+pub mod quant;
 pub mod realtime;
 pub mod speech;
 pub mod stream;

@@ -11,6 +11,7 @@ use anyhow::Result;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor, D};
 
+use crate::quant::Q8Matrix;
 use crate::weights::{WeightMatrix, Weights};
 
 /// `y = x W^T (+ b)` for `x` of shape `[.., in]`.
@@ -30,6 +31,8 @@ enum LinearWeight {
         /// f32 copy, made only if someone asks for [`Linear::weight`].
         dense: Arc<OnceLock<Tensor>>,
         qtensor: Arc<QTensor>,
+        /// The engine's own kernel over the same blocks, where it applies (Q8_0 on AVX2).
+        q8: Option<Q8Matrix>,
     },
 }
 
@@ -48,6 +51,7 @@ impl Linear {
                     matmul: QMatMul::from_arc(q.clone())?,
                     out_dim,
                     dense: Arc::new(OnceLock::new()),
+                    q8: Q8Matrix::view(&q),
                     qtensor: q,
                 }
             }
@@ -70,6 +74,14 @@ impl Linear {
         }
     }
 
+    /// The Q8_0 kernel view of the matrix, when the engine's kernels run it.
+    pub fn q8_matrix(&self) -> Option<&Q8Matrix> {
+        match &self.weight {
+            LinearWeight::Quantized { q8, .. } => q8.as_ref(),
+            LinearWeight::Dense(_) => None,
+        }
+    }
+
     /// Whether the matrix is held as quantized blocks.
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quantized { .. })
@@ -87,6 +99,15 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, x.dims()) {
+            (LinearWeight::Quantized { q8: Some(q8), out_dim, .. }, dims)
+                if x.device().is_cpu() && crate::quant::worth_it(q8, x.elem_count() / q8.cols) =>
+            {
+                let m = x.elem_count() / q8.cols;
+                let rows = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let mut shape = dims.to_vec();
+                *shape.last_mut().expect("a matmul input has dimensions") = *out_dim;
+                Tensor::from_vec(q8.matmul(&rows, m), shape, x.device())?
+            }
             (LinearWeight::Quantized { matmul, .. }, _) => {
                 matmul.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
             }

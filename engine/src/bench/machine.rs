@@ -43,6 +43,8 @@ pub struct MachineFacts {
     pub process_cpu_s: Option<f64>,
     pub process_wall_s: Option<f64>,
     pub omni_version: String,
+    /// Which Q8_0 matmul ran: the engine's kernels (`engine/src/quant`) or candle's `QMatMul`.
+    pub q8_0_matmul: &'static str,
 }
 
 /// (CPU seconds, wall seconds) of this process, from /proc/self/stat.
@@ -97,12 +99,13 @@ impl MachineFacts {
             process_cpu_s: process_times().map(|t| t.0),
             process_wall_s: process_times().map(|t| t.1),
             omni_version: env!("CARGO_PKG_VERSION").to_string(),
+            q8_0_matmul: if crate::quant::enabled() { "omni (AVX2 tiles)" } else { "candle QMatMul" },
         }
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "machine: {} ({} logical CPUs, {:.0} GiB), candle threads {}, load {}, process CPU {:.0} s in {:.0} s wall",
+            "machine: {} ({} logical CPUs, {:.0} GiB), candle threads {}, load {}, process CPU {:.0} s in {:.0} s wall, Q8_0 matmul: {}",
             self.cpu_model,
             self.logical_cpus,
             self.mem_total_gib,
@@ -110,6 +113,7 @@ impl MachineFacts {
             self.load_average.as_deref().unwrap_or("?"),
             self.process_cpu_s.unwrap_or(f64::NAN),
             self.process_wall_s.unwrap_or(f64::NAN),
+            self.q8_0_matmul,
         )
     }
 }

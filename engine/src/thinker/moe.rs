@@ -8,10 +8,13 @@
 //! in llama.cpp's stacked `ffn_{gate,up,down}_exps` tensors and each expert is a quantized matrix
 //! viewing its slot of the file map.
 
+use std::sync::Arc;
+
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 use crate::nn::{silu, Linear};
+use crate::quant::moe::Q8Experts;
 use crate::weights::{WeightMatrix, Weights};
 
 /// The routing decision for one token: expert indices and their weights, best first.
@@ -67,6 +70,8 @@ impl DenseMlp {
 pub struct StackedExperts {
     bank: ExpertBank,
     intermediate: usize,
+    /// All experts Q8_0 and the engine's kernels available: the whole step in three sweeps.
+    q8: Option<Arc<Q8Experts>>,
 }
 
 #[derive(Debug, Clone)]
@@ -92,7 +97,8 @@ impl StackedExperts {
                 let down = Linear::load(&ew.pp("down_proj"), intermediate, hidden, false)?;
                 experts.push([gate, up, down]);
             }
-            return Ok(Self { bank: ExpertBank::Quantized(experts), intermediate });
+            let q8 = q8_experts(&experts, hidden, intermediate).map(Arc::new);
+            return Ok(Self { bank: ExpertBank::Quantized(experts), intermediate, q8 });
         }
         let WeightMatrix::Dense(first) = first else { unreachable!() };
         let mut first = Some(first);
@@ -109,7 +115,7 @@ impl StackedExperts {
             down.push(ew.get(&[hidden, intermediate], "down_proj.weight")?);
         }
         let bank = ExpertBank::Dense { gate_up: Tensor::stack(&gate_up, 0)?, down: Tensor::stack(&down, 0)? };
-        Ok(Self { bank, intermediate })
+        Ok(Self { bank, intermediate, q8: None })
     }
 
     /// Runs expert `e` on rows `x [n, H]`.
@@ -129,6 +135,17 @@ impl StackedExperts {
             }
         }
     }
+}
+
+/// The Q8_0 kernel views of every expert, if every matrix has one.
+fn q8_experts(experts: &[[Linear; 3]], hidden: usize, intermediate: usize) -> Option<Q8Experts> {
+    let mut q = Q8Experts { gate: Vec::new(), up: Vec::new(), down: Vec::new(), hidden, intermediate };
+    for [gate, up, down] in experts {
+        q.gate.push(gate.q8_matrix()?.clone());
+        q.up.push(up.q8_matrix()?.clone());
+        q.down.push(down.q8_matrix()?.clone());
+    }
+    Some(q)
 }
 
 /// Router + experts.
@@ -170,6 +187,10 @@ impl SparseMoe {
         let (b, t, h) = x.dims3()?;
         let rows = x.reshape((b * t, h))?;
         let routes = self.routes(&rows)?;
+        if let (Some(q8), true) = (&self.experts.q8, x.device().is_cpu()) {
+            let xs = rows.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(Tensor::from_vec(q8.forward(&xs, &routes), (b, t, h), x.device())?);
+        }
         // Tokens (and their weights) per expert, experts in ascending order as the reference sums them.
         let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.num_experts];
         for (token, route) in routes.iter().enumerate() {

@@ -1,0 +1,184 @@
+//! CPU kernels for quantized weights, behind the [`crate::nn::Linear`] seam.
+//!
+//! - [`q8_0`]: the Q8_0 × Q8_0 micro-kernel (register-blocked tiles, bit-identical to candle's
+//!   `vec_dot`) and activation quantization.
+//! - [`Q8Matrix`]: a Q8_0 matrix viewed in place (file map or memory, no copy) with a parallel
+//!   matmul over tiles of weight rows.
+//! - [`moe`]: a whole MoE expert step (gate, up, SiLU, down, weighted sum) in three parallel
+//!   sweeps, where candle's `QMatMul` would take three thread-pool round trips per expert.
+//!
+//! Used only where [`q8_0::kernels_available`] (x86-64 with AVX2/FMA/F16C) and the matrix is Q8_0;
+//! everything else keeps candle's `QMatMul`. `OMNI_CANDLE_MATMUL=1` switches the kernels off (for
+//! side-by-side timing: `omni bench thinker` prints which path ran).
+
+pub mod moe;
+pub mod q8_0;
+
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use rayon::prelude::*;
+
+use q8_0::{BlockQ8, QuantizedRows, QK};
+
+/// Whether the engine's own kernels run (CPU support and not switched off by `OMNI_CANDLE_MATMUL`).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let off = std::env::var("OMNI_CANDLE_MATMUL").map(|v| v != "0" && !v.is_empty()).unwrap_or(false);
+        !off && q8_0::kernels_available()
+    })
+}
+
+/// Multiply-adds under which a single product stays on candle's `QMatMul`: its spinning barrier
+/// pool starts a tiny GEMV sooner than a rayon sweep wakes its workers. Measured on the lent
+/// 16-core Xeon: the code predictor's decode steps (5 layers of 1–3 M-MAC products, one row) took
+/// 54 ms/frame on our kernel against 40 ms on candle's, while the Thinker's 8 M-MAC attention
+/// products and every prefill were faster on ours.
+const SMALL_PRODUCT_MACS: usize = 4 << 20;
+
+/// Whether the kernel should run `m` rows through `matrix` (else candle's `QMatMul`, same bits).
+pub fn worth_it(matrix: &Q8Matrix, m: usize) -> bool {
+    m * matrix.rows * matrix.cols >= SMALL_PRODUCT_MACS
+}
+
+/// A raw pointer that may cross to the worker threads: every user writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// A Q8_0 matrix `[rows, cols]` viewed in place in its `QTensor`'s storage.
+#[derive(Debug, Clone)]
+pub struct Q8Matrix {
+    /// Keeps the blocks alive (file map or heap).
+    _tensor: Arc<QTensor>,
+    base: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Q8Matrix {
+    /// `Some` when `q` is a CPU-resident 2-D Q8_0 tensor the kernels can read in place.
+    pub fn view(q: &Arc<QTensor>) -> Option<Self> {
+        if !enabled() || q.dtype() != GgmlDType::Q8_0 {
+            return None;
+        }
+        let &[rows, cols] = q.shape().dims() else { return None };
+        if cols % QK != 0 {
+            return None;
+        }
+        let base = match q.data().ok()? {
+            Cow::Borrowed(bytes) => {
+                if bytes.len() != rows * cols / QK * std::mem::size_of::<BlockQ8>() {
+                    return None;
+                }
+                bytes.as_ptr() as usize
+            }
+            Cow::Owned(_) => return None,
+        };
+        if base % std::mem::align_of::<BlockQ8>() != 0 {
+            return None;
+        }
+        Some(Self { _tensor: q.clone(), base, rows, cols })
+    }
+
+    pub fn blocks_per_row(&self) -> usize {
+        self.cols / QK
+    }
+
+    /// First block of weight row `r`.
+    pub fn row_ptr(&self, r: usize) -> *const BlockQ8 {
+        debug_assert!(r < self.rows);
+        (self.base as *const BlockQ8).wrapping_add(r * self.blocks_per_row())
+    }
+
+    /// `x [m, cols]` → `x Wᵀ [m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let xq = QuantizedRows::quantize_par(x, m, self.cols);
+        let x_rows: Vec<*const BlockQ8> = (0..m).map(|r| xq.row(r).as_ptr()).collect();
+        let mut out = vec![0f32; m * self.rows];
+        let jobs = [MatJob { matrix: self, x_rows: &x_rows, out: SendPtr(out.as_mut_ptr()), out_stride: self.rows }];
+        run_jobs(&jobs);
+        out
+    }
+}
+
+/// One product `x_rows × matrixᵀ` writing `out[r * out_stride + c]`.
+pub(crate) struct MatJob<'a> {
+    pub matrix: &'a Q8Matrix,
+    pub x_rows: &'a [*const BlockQ8],
+    pub out: SendPtr<f32>,
+    pub out_stride: usize,
+}
+unsafe impl Sync for MatJob<'_> {}
+
+/// Activation rows per work item: more rows share each weight tile, but the item must stay small
+/// enough to balance.
+const ROWS_PER_ITEM: usize = 64;
+
+/// Runs every job's tiles on the rayon pool, all jobs in one parallel sweep.
+pub(crate) fn run_jobs(jobs: &[MatJob]) {
+    let threads = rayon::current_num_threads().max(1);
+    let total_work: usize = jobs.iter().map(|j| j.matrix.rows * j.x_rows.len()).sum();
+    // Weight rows per item: about 4 items per thread over the whole sweep, in whole tiles.
+    let target_items = (threads * 4).max(1);
+    let mut items: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // (job, c0, c1, r0, r1)
+    for (j, job) in jobs.iter().enumerate() {
+        let m = job.x_rows.len();
+        if m == 0 {
+            continue;
+        }
+        let share = (job.matrix.rows * m) as f64 / total_work.max(1) as f64;
+        let job_items = ((target_items as f64 * share).ceil() as usize).max(1);
+        let row_groups = m.div_ceil(ROWS_PER_ITEM);
+        let col_items = job_items.div_ceil(row_groups).max(1);
+        let chunk = job.matrix.rows.div_ceil(col_items).next_multiple_of(q8_0::TILE_COLS).max(q8_0::TILE_COLS);
+        for g in 0..row_groups {
+            let (r0, r1) = (g * ROWS_PER_ITEM, ((g + 1) * ROWS_PER_ITEM).min(m));
+            let mut c0 = 0;
+            while c0 < job.matrix.rows {
+                let c1 = (c0 + chunk).min(job.matrix.rows);
+                items.push((j, c0, c1, r0, r1));
+                c0 = c1;
+            }
+        }
+    }
+    let run = |&(j, c0, c1, r0, r1): &(usize, usize, usize, usize, usize)| {
+        let job = &jobs[j];
+        let w_rows: Vec<*const BlockQ8> = (c0..c1).map(|c| job.matrix.row_ptr(c)).collect();
+        // SAFETY: rows c0..c1 and r0..r1 are in bounds; items write disjoint (row, col) ranges.
+        unsafe {
+            q8_0::gemm_rows(
+                &w_rows,
+                &job.x_rows[r0..r1],
+                job.matrix.blocks_per_row(),
+                job.out.0.add(r0 * job.out_stride + c0),
+                job.out_stride,
+            )
+        }
+    };
+    if items.len() == 1 {
+        run(&items[0]);
+    } else {
+        items.par_iter().for_each(run);
+    }
+}
+
+impl QuantizedRows {
+    /// [`QuantizedRows::quantize`], rows spread over the pool when there are many.
+    pub fn quantize_par(x: &[f32], rows: usize, k: usize) -> Self {
+        if rows < 16 {
+            return Self::quantize(x, rows, k);
+        }
+        let blocks_per_row = k / QK;
+        let mut blocks = vec![BlockQ8 { d: half::f16::ZERO, qs: [0; QK] }; rows * blocks_per_row];
+        blocks.par_chunks_mut(blocks_per_row).zip(x.par_chunks(k)).for_each(|(out, row)| {
+            for (chunk, block) in row.chunks_exact(QK).zip(out.iter_mut()) {
+                q8_0::quantize_block(chunk, block);
+            }
+        });
+        Self { blocks, rows, blocks_per_row }
+    }
+}

@@ -1,0 +1,336 @@
+//! Q8_0 weights times Q8_0-quantized activations on x86-64 (AVX2 + FMA), register-blocked.
+//!
+//! The block format is ggml's `block_q8_0`: an f16 scale `d` and 32 signed bytes, value = `d · q`.
+//! A matmul quantizes each activation row to Q8_0 (ggml's `quantize_row_q8_0`: `d = amax / 127`,
+//! `q = round(x / d)`), then each output is `Σ_blocks d_w · d_x · Σ_i w_i x_i`.
+//!
+//! candle's CPU path computes every output with its own `vec_dot` call (one weight row, one
+//! activation row, a runtime feature check per call), so each activation block is reloaded for
+//! every weight row and nothing stays in registers. Here a micro-kernel computes a tile of
+//! [`TILE_COLS`] weight rows × [`TILE_ROWS`] activation rows per pass over the blocks, sharing every
+//! load. Per output the arithmetic is exactly candle's (`_mm256_sign_epi8` / `maddubs` / `madd`,
+//! one FMA per block into an 8-lane accumulator, the same horizontal sum), so results are
+//! bit-identical to `QMatMul` and every golden number of the engine stays as it was.
+
+use half::f16;
+
+/// Values per block.
+pub const QK: usize = 32;
+/// Weight rows per micro-kernel tile.
+pub const TILE_COLS: usize = 4;
+/// Activation rows per micro-kernel tile.
+pub const TILE_ROWS: usize = 2;
+
+/// ggml's `block_q8_0` (34 bytes, alignment 2), as stored in GGUF files and in candle's `BlockQ8_0`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ8 {
+    pub d: f16,
+    pub qs: [i8; QK],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ8>() == 34);
+
+/// Whether this CPU runs the kernels (else callers keep candle's `QMatMul`).
+pub fn kernels_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Activation rows quantized to Q8_0, `blocks_per_row` blocks each.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedRows {
+    pub blocks: Vec<BlockQ8>,
+    pub rows: usize,
+    pub blocks_per_row: usize,
+}
+
+impl QuantizedRows {
+    /// Quantizes `x [rows, k]` (`k` a multiple of [`QK`]) exactly as candle's `BlockQ8_0::from_float`.
+    pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
+        debug_assert_eq!(x.len(), rows * k);
+        debug_assert_eq!(k % QK, 0);
+        let blocks_per_row = k / QK;
+        let mut blocks = vec![BlockQ8 { d: f16::ZERO, qs: [0; QK] }; rows * blocks_per_row];
+        for (chunk, block) in x.chunks_exact(QK).zip(blocks.iter_mut()) {
+            quantize_block(chunk, block);
+        }
+        Self { blocks, rows, blocks_per_row }
+    }
+
+    pub fn row(&self, r: usize) -> &[BlockQ8] {
+        &self.blocks[r * self.blocks_per_row..(r + 1) * self.blocks_per_row]
+    }
+}
+
+/// One block, ggml's reference rounding (`round` half away from zero).
+pub fn quantize_block(x: &[f32], out: &mut BlockQ8) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out.d = f16::from_f32(d);
+    for (q, &v) in out.qs.iter_mut().zip(x) {
+        *q = f32::round(v * id) as i8;
+    }
+}
+
+/// Scalar reference of one output (the same sums in the same order as the SIMD kernel's lanes,
+/// used on tails and in tests).
+pub fn dot_scalar(w: &[BlockQ8], x: &[BlockQ8]) -> f32 {
+    // Lane l of the 8-lane accumulator holds bytes 4l..4l+4 of every block.
+    let mut lanes = [0f32; 8];
+    for (wb, xb) in w.iter().zip(x) {
+        let d = wb.d.to_f32() * xb.d.to_f32();
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let s: i32 = (0..4).map(|i| wb.qs[4 * l + i] as i32 * xb.qs[4 * l + i] as i32).sum();
+            *lane = (s as f32).mul_add(d, *lane);
+        }
+    }
+    // candle's hsum_float_8: (hi + lo) → pairs (0+2, 1+3) → 0 + 1.
+    let s: [f32; 4] = std::array::from_fn(|i| lanes[i + 4] + lanes[i]);
+    let t0 = s[0] + s[2];
+    let t1 = s[1] + s[3];
+    t0 + t1
+}
+
+/// `out[r][c] = dot(w_rows[c], x_rows[r])` for every pair; `out` is row-major with `out_stride`.
+///
+/// # Safety
+/// Every pointer must address `blocks` readable blocks; `out` must be valid for
+/// `x_rows.len()` rows of `w_rows.len()` floats at `out_stride` spacing; [`kernels_available`].
+pub unsafe fn gemm_rows(
+    w_rows: &[*const BlockQ8],
+    x_rows: &[*const BlockQ8],
+    blocks: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        if avx2::has_avx512() {
+            avx2::gemm_rows_avx512(w_rows, x_rows, blocks, out, out_stride)
+        } else {
+            avx2::gemm_rows_avx2(w_rows, x_rows, blocks, out, out_stride)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe {
+        for (r, &x) in x_rows.iter().enumerate() {
+            let x = std::slice::from_raw_parts(x, blocks);
+            for (c, &w) in w_rows.iter().enumerate() {
+                *out.add(r * out_stride + c) = dot_scalar(std::slice::from_raw_parts(w, blocks), x);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BlockQ8, TILE_COLS, TILE_ROWS};
+
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn scale(d: half::f16) -> f32 {
+        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d.to_bits() as i32))) }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(x: __m256) -> f32 {
+        let res = _mm256_extractf128_ps(x, 1);
+        let res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+        _mm_cvtss_f32(res)
+    }
+
+    /// A `C × R` tile: C weight rows against R activation rows, one pass over the blocks.
+    #[inline(always)]
+    unsafe fn tile<const C: usize, const R: usize>(
+        w: &[*const BlockQ8],
+        x: &[*const BlockQ8],
+        blocks: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            for b in 0..blocks {
+                let mut wq = [_mm256_setzero_si256(); C];
+                let mut wa = [_mm256_setzero_si256(); C];
+                let mut wd = [0f32; C];
+                for c in 0..C {
+                    let blk = &*w[c].add(b);
+                    wq[c] = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
+                    wa[c] = _mm256_sign_epi8(wq[c], wq[c]);
+                    wd[c] = scale(blk.d);
+                }
+                for r in 0..R {
+                    let blk = &*x[r].add(b);
+                    let xq = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
+                    let xd = scale(blk.d);
+                    for c in 0..C {
+                        let sy = _mm256_sign_epi8(xq, wq[c]);
+                        let dot = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(wa[c], sy));
+                        let d = _mm256_set1_ps(wd[c] * xd);
+                        acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[r][c]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..C {
+                    *out.add(r * out_stride + c) = hsum(acc[r][c]);
+                }
+            }
+        }
+    }
+
+    macro_rules! dispatch {
+        ($c:expr, $r:expr, $w:expr, $x:expr, $blocks:expr, $out:expr, $stride:expr; $($cc:literal),*; $($rr:literal),*) => {
+            dispatch!(@c $c, $r, $w, $x, $blocks, $out, $stride; [$($cc),*]; [$($rr),*])
+        };
+        (@c $c:expr, $r:expr, $w:expr, $x:expr, $blocks:expr, $out:expr, $stride:expr; [$($cc:literal),*]; $rs:tt) => {
+            match $c {
+                $($cc => dispatch!(@r $cc, $r, $w, $x, $blocks, $out, $stride; $rs),)*
+                _ => unreachable!(),
+            }
+        };
+        (@r $cc:literal, $r:expr, $w:expr, $x:expr, $blocks:expr, $out:expr, $stride:expr; [$($rr:literal),*]) => {
+            match $r {
+                $($rr => tile::<$cc, $rr>($w, $x, $blocks, $out, $stride),)*
+                _ => unreachable!(),
+            }
+        };
+    }
+
+    /// The tile loop over all (weight rows, activation rows), `RMAX` activation rows per tile.
+    #[inline(always)]
+    unsafe fn gemm_rows_impl<const RMAX: usize>(
+        w_rows: &[*const BlockQ8],
+        x_rows: &[*const BlockQ8],
+        blocks: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        unsafe {
+            let mut r0 = 0;
+            while r0 < x_rows.len() {
+                let r = (x_rows.len() - r0).min(RMAX);
+                let mut c0 = 0;
+                while c0 < w_rows.len() {
+                    let c = (w_rows.len() - c0).min(TILE_COLS);
+                    let w = &w_rows[c0..c0 + c];
+                    let x = &x_rows[r0..r0 + r];
+                    let o = out.add(r0 * out_stride + c0);
+                    dispatch!(c, r, w, x, blocks, o, out_stride; 1, 2, 3, 4; 1, 2, 3);
+                    c0 += c;
+                }
+                r0 += r;
+            }
+        }
+    }
+
+    /// 16 vector registers: 4 × 2 tiles (8 accumulators + 8 weight registers).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm_rows_avx2(
+        w_rows: &[*const BlockQ8],
+        x_rows: &[*const BlockQ8],
+        blocks: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        unsafe { gemm_rows_impl::<TILE_ROWS>(w_rows, x_rows, blocks, out, out_stride) }
+    }
+
+    /// The same instructions with AVX-512VL's 32 vector registers: 4 × 3 tiles fit without spills.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
+    pub unsafe fn gemm_rows_avx512(
+        w_rows: &[*const BlockQ8],
+        x_rows: &[*const BlockQ8],
+        blocks: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        unsafe { gemm_rows_impl::<3>(w_rows, x_rows, blocks, out, out_stride) }
+    }
+
+    pub fn has_avx512() -> bool {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_rows(rows: usize, k: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..rows * k)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantization_matches_candle() {
+        use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+        let x = rand_rows(3, 96, 7);
+        let ours = QuantizedRows::quantize(&x, 3, 96);
+        let mut theirs = vec![BlockQ8_0::zeros(); 9];
+        BlockQ8_0::from_float(&x, &mut theirs);
+        // Same layout (`repr(C)`, 34 bytes): compare the bytes.
+        let bytes = |p: *const u8| unsafe { std::slice::from_raw_parts(p, 9 * 34) }.to_vec();
+        assert_eq!(bytes(ours.blocks.as_ptr() as *const u8), bytes(theirs.as_ptr() as *const u8));
+    }
+
+    #[test]
+    fn tiles_equal_candle_vec_dot_bit_for_bit() {
+        use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+        if !kernels_available() {
+            return;
+        }
+        let (n, m, k) = (11, 5, 160);
+        let w = QuantizedRows::quantize(&rand_rows(n, k, 1), n, k);
+        let x = QuantizedRows::quantize(&rand_rows(m, k, 2), m, k);
+        let w_rows: Vec<*const BlockQ8> = (0..n).map(|c| w.row(c).as_ptr()).collect();
+        let x_rows: Vec<*const BlockQ8> = (0..m).map(|r| x.row(r).as_ptr()).collect();
+        let mut out = vec![0f32; m * n];
+        unsafe { gemm_rows(&w_rows, &x_rows, k / QK, out.as_mut_ptr(), n) };
+        // The AVX2-only variant (4 × 2 tiles) gives the same bits as the dispatched one.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut plain = vec![0f32; m * n];
+            unsafe { avx2::gemm_rows_avx2(&w_rows, &x_rows, k / QK, plain.as_mut_ptr(), n) };
+            assert_eq!(plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), out.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+        // Same layout (`repr(C)`, 34 bytes): view our blocks as candle's.
+        let as_candle = |q: &QuantizedRows, r: usize| -> Vec<BlockQ8_0> {
+            let row = q.row(r);
+            unsafe { std::slice::from_raw_parts(row.as_ptr() as *const BlockQ8_0, row.len()) }.to_vec()
+        };
+        for r in 0..m {
+            for c in 0..n {
+                let (wc, xr) = (as_candle(&w, c), as_candle(&x, r));
+                let want = BlockQ8_0::vec_dot(k, &wc, &xr);
+                assert_eq!(out[r * n + c].to_bits(), want.to_bits(), "({r},{c})");
+                assert_eq!(dot_scalar(w.row(c), x.row(r)).to_bits(), want.to_bits(), "scalar ({r},{c})");
+            }
+        }
+    }
+}
