@@ -44,7 +44,7 @@ pub struct MachineFacts {
     pub process_wall_s: Option<f64>,
     pub omni_version: String,
     /// Which Q8_0 matmul ran: the engine's kernels (`engine/src/quant`) or candle's `QMatMul`.
-    pub q8_0_matmul: &'static str,
+    pub q8_0_matmul: String,
 }
 
 /// (CPU seconds, wall seconds) of this process, from /proc/self/stat.
@@ -99,7 +99,11 @@ impl MachineFacts {
             process_cpu_s: process_times().map(|t| t.0),
             process_wall_s: process_times().map(|t| t.1),
             omni_version: env!("CARGO_PKG_VERSION").to_string(),
-            q8_0_matmul: if crate::quant::enabled() { "omni (AVX2 tiles)" } else { "candle QMatMul" },
+            q8_0_matmul: if crate::quant::enabled() {
+                format!("omni tiles ({:?})", crate::quant::q8_0::kernel_variant())
+            } else {
+                "candle QMatMul".into()
+            },
         }
     }
 
@@ -204,4 +208,23 @@ pub fn generated_lines(gen: &[GeneratedArena]) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// Memory read bandwidth in GB/s: every rayon worker sums its share of a `bytes`-byte buffer (made
+/// and touched first, so no page faults are timed); best of three passes. Decode of a large model
+/// streams its active weights once per token, so `active bytes / this` is the decode floor.
+pub fn read_bandwidth_gbs(bytes: usize) -> f64 {
+    use rayon::prelude::*;
+    let words = (bytes / 8).max(1 << 20);
+    let buf: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i ^ 0x9e37).collect();
+    let mut best = f64::INFINITY;
+    let mut check = 0u64;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let s: u64 = buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v))).reduce(|| 0, u64::wrapping_add);
+        best = best.min(t.elapsed().as_secs_f64());
+        check ^= s;
+    }
+    std::hint::black_box(check);
+    (words * 8) as f64 / best / 1e9
 }

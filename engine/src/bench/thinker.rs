@@ -74,7 +74,25 @@ pub struct ThinkerBench {
     /// As measured on the loaded layers.
     pub measured_prefill_tokens_per_s: f64,
     pub measured_decode_tokens_per_s: f64,
+    /// Memory read bandwidth of this machine (GB/s, 4 GB buffer, all threads).
+    pub memory_read_gbs: f64,
+    /// Bytes of weights one decode step reads at the full 48 layers (Q8_0: attention, router,
+    /// the 8 routed experts, lm_head), and the decode time that takes at `memory_read_gbs`.
+    pub decode_weight_bytes: f64,
+    pub decode_floor_ms: f64,
     pub notes: Vec<String>,
+}
+
+/// Weight bytes one decode step of the full 48-layer Thinker reads: Q8_0 (34 bytes per 32 values)
+/// attention projections, routed experts and lm_head, f32 router.
+fn decode_weight_bytes(cfg: &OmniConfig) -> f64 {
+    let t = &cfg.thinker_config.text_config;
+    let (h, hd) = (t.hidden_size as f64, t.head_dim.unwrap_or(t.hidden_size / t.num_attention_heads) as f64);
+    let attention = h * hd * (2.0 * t.num_attention_heads as f64 + 2.0 * t.num_key_value_heads as f64);
+    let experts = t.num_experts_per_tok as f64 * 3.0 * h * t.moe_intermediate_size as f64;
+    let q8 = 34.0 / 32.0;
+    let per_layer = (attention + experts) * q8 + h * t.num_experts as f64 * 4.0;
+    per_layer * REAL_THINKER_LAYERS as f64 + t.vocab_size as f64 * h * q8
 }
 
 /// The Thinker at the real shapes with `layers` decoder layers, on random Q8_0 weights.
@@ -203,6 +221,8 @@ pub fn bench_thinker(opts: &ThinkerBenchOptions) -> Result<ThinkerBench> {
         ));
     }
     let p = opts.prompt_tokens as f64;
+    let memory_read_gbs = super::machine::read_bandwidth_gbs(4 << 30);
+    let decode_weight_bytes = decode_weight_bytes(&_cfg);
     Ok(ThinkerBench {
         bench: "thinker",
         machine: MachineFacts::collect(),
@@ -218,6 +238,9 @@ pub fn bench_thinker(opts: &ThinkerBenchOptions) -> Result<ThinkerBench> {
         decode_tokens_per_s: 1e3 / decode.full_model_ms,
         measured_prefill_tokens_per_s: p / prefill.measured_ms() * 1e3,
         measured_decode_tokens_per_s: 1e3 / decode.measured_ms(),
+        memory_read_gbs,
+        decode_weight_bytes,
+        decode_floor_ms: decode_weight_bytes / (memory_read_gbs * 1e9) * 1e3,
         notes,
     })
 }
@@ -270,6 +293,15 @@ impl ThinkerBench {
             "decode tokens/s",
             format!("{:.2}", self.decode_tokens_per_s),
             format!("48 layers{tag}"),
+        );
+        t.row(
+            "memory read bandwidth",
+            format!("{:.1} GB/s", self.memory_read_gbs),
+            format!(
+                "decode reads {:.2} GB of weights per token: floor {:.1} ms/token",
+                self.decode_weight_bytes / 1e9,
+                self.decode_floor_ms
+            ),
         );
         if self.extrapolated {
             t.row(

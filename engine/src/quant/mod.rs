@@ -7,6 +7,10 @@
 //! - [`moe`]: a whole MoE expert step (gate, up, SiLU, down, weighted sum) in three parallel
 //!   sweeps, where candle's `QMatMul` would take three thread-pool round trips per expert.
 //!
+//! Every Q8_0 product goes through these kernels, small decode ones too: sending small products to
+//! candle's spinning barrier pool while rayon's workers run the rest made the lent Xeon's Talker step
+//! 4× slower (two pools fighting over the same cores).
+//!
 //! Used only where [`q8_0::kernels_available`] (x86-64 with AVX2/FMA/F16C) and the matrix is Q8_0;
 //! everything else keeps candle's `QMatMul`. `OMNI_CANDLE_MATMUL=1` switches the kernels off (for
 //! side-by-side timing: `omni bench thinker` prints which path ran).
@@ -31,17 +35,8 @@ pub fn enabled() -> bool {
     })
 }
 
-/// Multiply-adds under which a single product stays on candle's `QMatMul`: its spinning barrier
-/// pool starts a tiny GEMV sooner than a rayon sweep wakes its workers. Measured on the lent
-/// 16-core Xeon: the code predictor's decode steps (5 layers of 1–3 M-MAC products, one row) took
-/// 54 ms/frame on our kernel against 40 ms on candle's, while the Thinker's 8 M-MAC attention
-/// products and every prefill were faster on ours.
-const SMALL_PRODUCT_MACS: usize = 4 << 20;
-
-/// Whether the kernel should run `m` rows through `matrix` (else candle's `QMatMul`, same bits).
-pub fn worth_it(matrix: &Q8Matrix, m: usize) -> bool {
-    m * matrix.rows * matrix.cols >= SMALL_PRODUCT_MACS
-}
+/// Multiply-adds per work item at least: below this a rayon hand-off costs more than the work.
+const MIN_ITEM_MACS: usize = 1 << 16;
 
 /// A raw pointer that may cross to the worker threads: every user writes a disjoint region.
 #[derive(Clone, Copy)]
@@ -122,8 +117,10 @@ const ROWS_PER_ITEM: usize = 64;
 pub(crate) fn run_jobs(jobs: &[MatJob]) {
     let threads = rayon::current_num_threads().max(1);
     let total_work: usize = jobs.iter().map(|j| j.matrix.rows * j.x_rows.len()).sum();
-    // Weight rows per item: about 4 items per thread over the whole sweep, in whole tiles.
-    let target_items = (threads * 4).max(1);
+    // Weight rows per item: about 4 items per thread over the whole sweep, in whole tiles, but no
+    // item under MIN_ITEM_MACS (one-row decode products are small).
+    let total_macs: usize = jobs.iter().map(|j| j.matrix.rows * j.matrix.cols * j.x_rows.len()).sum();
+    let target_items = (threads * 4).min(total_macs / MIN_ITEM_MACS).max(1);
     let mut items: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // (job, c0, c1, r0, r1)
     for (j, job) in jobs.iter().enumerate() {
         let m = job.x_rows.len();

@@ -45,6 +45,41 @@ pub fn kernels_available() -> bool {
     }
 }
 
+/// Which instruction set the tiles use (all give the same bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelVariant {
+    Avx2,
+    Avx512,
+    Vnni,
+}
+
+/// The best variant this CPU runs, or the one `OMNI_Q8_KERNEL=avx2|avx512|vnni` asks for (for
+/// side-by-side timing; a variant the CPU lacks falls back to the best one it has).
+pub fn kernel_variant() -> KernelVariant {
+    static V: std::sync::OnceLock<KernelVariant> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let best = if avx2::has_vnni() {
+                KernelVariant::Vnni
+            } else if avx2::has_avx512() {
+                KernelVariant::Avx512
+            } else {
+                KernelVariant::Avx2
+            };
+            match std::env::var("OMNI_Q8_KERNEL").as_deref() {
+                Ok("avx2") => KernelVariant::Avx2,
+                Ok("avx512") if avx2::has_avx512() => KernelVariant::Avx512,
+                _ => best,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            KernelVariant::Avx2
+        }
+    })
+}
+
 /// Activation rows quantized to Q8_0, `blocks_per_row` blocks each.
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedRows {
@@ -115,10 +150,10 @@ pub unsafe fn gemm_rows(
 ) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        if avx2::has_avx512() {
-            avx2::gemm_rows_avx512(w_rows, x_rows, blocks, out, out_stride)
-        } else {
-            avx2::gemm_rows_avx2(w_rows, x_rows, blocks, out, out_stride)
+        match kernel_variant() {
+            KernelVariant::Vnni => avx2::gemm_rows_vnni(w_rows, x_rows, blocks, out, out_stride),
+            KernelVariant::Avx512 => avx2::gemm_rows_avx512(w_rows, x_rows, blocks, out, out_stride),
+            KernelVariant::Avx2 => avx2::gemm_rows_avx2(w_rows, x_rows, blocks, out, out_stride),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -194,19 +229,63 @@ mod avx2 {
         }
     }
 
+    /// The same tile with AVX-512 VNNI: `dpbusd` takes unsigned × signed bytes, so the activations
+    /// go in offset by +128 and the accumulator starts at −128 · Σw (per 4-byte group), leaving the
+    /// exact integer sum `Σ w·x` of the sign/maddubs/madd sequence, lane for lane: same bits.
+    #[inline(always)]
+    unsafe fn tile_vnni<const C: usize, const R: usize>(
+        w: &[*const BlockQ8],
+        x: &[*const BlockQ8],
+        blocks: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        unsafe {
+            let offset = _mm256_set1_epi8(-128);
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            for b in 0..blocks {
+                let mut wq = [_mm256_setzero_si256(); C];
+                let mut corr = [_mm256_setzero_si256(); C];
+                let mut wd = [0f32; C];
+                for c in 0..C {
+                    let blk = &*w[c].add(b);
+                    wq[c] = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
+                    let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, wq[c]);
+                    corr[c] = _mm256_sub_epi32(_mm256_setzero_si256(), sum);
+                    wd[c] = scale(blk.d);
+                }
+                for r in 0..R {
+                    let blk = &*x[r].add(b);
+                    let xu = _mm256_xor_si256(_mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i), offset);
+                    let xd = scale(blk.d);
+                    for c in 0..C {
+                        let dot = _mm256_dpbusd_epi32(corr[c], xu, wq[c]);
+                        let d = _mm256_set1_ps(wd[c] * xd);
+                        acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[r][c]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..C {
+                    *out.add(r * out_stride + c) = hsum(acc[r][c]);
+                }
+            }
+        }
+    }
+
     macro_rules! dispatch {
-        ($c:expr, $r:expr, $w:expr, $x:expr, $blocks:expr, $out:expr, $stride:expr; $($cc:literal),*; $($rr:literal),*) => {
-            dispatch!(@c $c, $r, $w, $x, $blocks, $out, $stride; [$($cc),*]; [$($rr),*])
+        ($f:ident, $c:expr, $r:expr, $w:expr, $x:expr, $blocks:expr, $out:expr, $stride:expr; $($cc:literal),*; $($rr:literal),*) => {
+            dispatch!(@c $f, $c, $r, $w, $x, $blocks, $out, $stride; [$($cc),*]; [$($rr),*])
         };
-        (@c $c:expr, $r:expr, $w:expr, $x:expr, $blocks:expr, $out:expr, $stride:expr; [$($cc:literal),*]; $rs:tt) => {
+        (@c $f:ident, $c:expr, $r:expr, $w:expr, $x:expr, $blocks:expr, $out:expr, $stride:expr; [$($cc:literal),*]; $rs:tt) => {
             match $c {
-                $($cc => dispatch!(@r $cc, $r, $w, $x, $blocks, $out, $stride; $rs),)*
+                $($cc => dispatch!(@r $f, $cc, $r, $w, $x, $blocks, $out, $stride; $rs),)*
                 _ => unreachable!(),
             }
         };
-        (@r $cc:literal, $r:expr, $w:expr, $x:expr, $blocks:expr, $out:expr, $stride:expr; [$($rr:literal),*]) => {
+        (@r $f:ident, $cc:literal, $r:expr, $w:expr, $x:expr, $blocks:expr, $out:expr, $stride:expr; [$($rr:literal),*]) => {
             match $r {
-                $($rr => tile::<$cc, $rr>($w, $x, $blocks, $out, $stride),)*
+                $($rr => $f::<$cc, $rr>($w, $x, $blocks, $out, $stride),)*
                 _ => unreachable!(),
             }
         };
@@ -214,7 +293,7 @@ mod avx2 {
 
     /// The tile loop over all (weight rows, activation rows), `RMAX` activation rows per tile.
     #[inline(always)]
-    unsafe fn gemm_rows_impl<const RMAX: usize>(
+    unsafe fn gemm_rows_impl<const RMAX: usize, const VNNI: bool>(
         w_rows: &[*const BlockQ8],
         x_rows: &[*const BlockQ8],
         blocks: usize,
@@ -231,7 +310,11 @@ mod avx2 {
                     let w = &w_rows[c0..c0 + c];
                     let x = &x_rows[r0..r0 + r];
                     let o = out.add(r0 * out_stride + c0);
-                    dispatch!(c, r, w, x, blocks, o, out_stride; 1, 2, 3, 4; 1, 2, 3);
+                    if VNNI {
+                        dispatch!(tile_vnni, c, r, w, x, blocks, o, out_stride; 1, 2, 3, 4; 1, 2, 3);
+                    } else {
+                        dispatch!(tile, c, r, w, x, blocks, o, out_stride; 1, 2, 3, 4; 1, 2, 3);
+                    }
                     c0 += c;
                 }
                 r0 += r;
@@ -248,7 +331,7 @@ mod avx2 {
         out: *mut f32,
         out_stride: usize,
     ) {
-        unsafe { gemm_rows_impl::<TILE_ROWS>(w_rows, x_rows, blocks, out, out_stride) }
+        unsafe { gemm_rows_impl::<TILE_ROWS, false>(w_rows, x_rows, blocks, out, out_stride) }
     }
 
     /// The same instructions with AVX-512VL's 32 vector registers: 4 × 3 tiles fit without spills.
@@ -260,7 +343,25 @@ mod avx2 {
         out: *mut f32,
         out_stride: usize,
     ) {
-        unsafe { gemm_rows_impl::<3>(w_rows, x_rows, blocks, out, out_stride) }
+        unsafe { gemm_rows_impl::<3, false>(w_rows, x_rows, blocks, out, out_stride) }
+    }
+
+    /// AVX-512 VNNI (`vpdpbusd` on 256-bit vectors): one instruction per 32 multiply-adds where the
+    /// sign/maddubs/madd sequence takes four.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn gemm_rows_vnni(
+        w_rows: &[*const BlockQ8],
+        x_rows: &[*const BlockQ8],
+        blocks: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        unsafe { gemm_rows_impl::<3, true>(w_rows, x_rows, blocks, out, out_stride) }
+    }
+
+    pub fn has_vnni() -> bool {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| has_avx512() && std::arch::is_x86_feature_detected!("avx512vnni"))
     }
 
     pub fn has_avx512() -> bool {
