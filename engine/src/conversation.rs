@@ -153,10 +153,50 @@ impl UserTurn {
     }
 }
 
+/// A user turn whose clips were already encoded, e.g. by a [`crate::audio::StreamingAudioEncoder`]
+/// while the user was speaking (the live loop): the conversation skips the audio encoder for it.
+/// `audio.per_clip` gives the clips (in order, before the text); the tokens and codes of the answer
+/// are those of the [`UserTurn`] holding the same samples, as the encoder output is the same.
+#[derive(Debug, Clone)]
+pub struct EncodedUserTurn {
+    pub audio: crate::audio_encoder::AudioTokens,
+    pub text: Option<String>,
+}
+
+impl EncodedUserTurn {
+    /// A spoken turn encoded ahead of time (one clip).
+    pub fn audio(tokens: crate::audio_encoder::AudioTokens) -> Self {
+        Self { audio: tokens, text: None }
+    }
+}
+
+/// What [`Conversation`] answers: raw clips or clips already encoded.
+#[derive(Debug, Clone)]
+pub(crate) enum TurnInput {
+    Samples(UserTurn),
+    Encoded(EncodedUserTurn),
+}
+
+impl TurnInput {
+    pub(crate) fn clips(&self) -> usize {
+        match self {
+            Self::Samples(t) => t.audio.len(),
+            Self::Encoded(t) => t.audio.per_clip.len(),
+        }
+    }
+
+    pub(crate) fn text(&self) -> Option<&str> {
+        match self {
+            Self::Samples(t) => t.text.as_deref(),
+            Self::Encoded(t) => t.text.as_deref(),
+        }
+    }
+}
+
 /// Wall-clock milliseconds of one answer, from the [`Conversation::answer`] call.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct TurnTimings {
-    /// Audio encoder time for this turn's clips.
+    /// Audio encoder time for this turn's clips (0 for an [`EncodedUserTurn`]: encoded before the call).
     pub audio_encode_ms: f64,
     /// Prefill of the new tokens only (the history's KV cache is reused).
     pub prefill_ms: f64,
@@ -283,7 +323,24 @@ impl Conversation {
     /// Answers `turn`: returns at once with the stream of events; the work runs on worker threads.
     /// Dropping the stream cancels the answer and waits for the workers (one token / frame).
     pub fn answer(&mut self, turn: UserTurn, cancel: CancelToken) -> Result<AnswerStream<'_>> {
-        if turn.audio.is_empty() && turn.text.is_none() {
+        self.start_answer(TurnInput::Samples(turn), cancel)
+    }
+
+    /// Answers a turn whose audio is already encoded (see [`EncodedUserTurn`]); otherwise as [`Self::answer`].
+    pub fn answer_encoded(&mut self, turn: EncodedUserTurn, cancel: CancelToken) -> Result<AnswerStream<'_>> {
+        let rows = turn.audio.embeddings.dims().first().copied().unwrap_or(0);
+        if turn.audio.per_clip.iter().sum::<usize>() != rows || turn.audio.per_clip.contains(&0) {
+            bail!(
+                "encoded user turn: {} audio token rows but clips of {:?} tokens",
+                rows,
+                turn.audio.per_clip
+            );
+        }
+        self.start_answer(TurnInput::Encoded(turn), cancel)
+    }
+
+    fn start_answer(&mut self, turn: TurnInput, cancel: CancelToken) -> Result<AnswerStream<'_>> {
+        if turn.clips() == 0 && turn.text().is_none() {
             bail!("a user turn needs text or audio");
         }
         let history = self.history.take().context("the conversation was lost by a failed answer; call reset")?;
@@ -381,11 +438,11 @@ impl Drop for AnswerStream<'_> {
 }
 
 /// A user message for the chat template: one `audio` item per clip, then the text.
-pub(crate) fn user_message(turn: &UserTurn, first_clip: usize) -> ChatMessage {
+pub(crate) fn user_message(turn: &TurnInput, first_clip: usize) -> ChatMessage {
     let mut content: Vec<ContentItem> =
-        (0..turn.audio.len()).map(|i| ContentItem::Audio { audio: format!("clip-{}", first_clip + i) }).collect();
-    if let Some(t) = &turn.text {
-        content.push(ContentItem::Text { text: t.clone() });
+        (0..turn.clips()).map(|i| ContentItem::Audio { audio: format!("clip-{}", first_clip + i) }).collect();
+    if let Some(t) = turn.text() {
+        content.push(ContentItem::Text { text: t.to_string() });
     }
     ChatMessage { role: "user".into(), content }
 }

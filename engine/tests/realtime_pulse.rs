@@ -103,6 +103,13 @@ fn pulse_hands_free_two_turn_conversation() {
     }
     assert_eq!(count(&events, "barge_in"), 0);
     assert_eq!(summary["counters"]["input_overruns"], 0, "{summary}");
+    // Each turn was encoded while it was spoken (stems done before the VAD cut the turn, which comes
+    // a 600 ms hangover after the voice): only the encoder's finish remained.
+    for (i, turn) in t.iter().enumerate() {
+        assert_eq!(turn["encode"]["path"], "streaming", "turn {}: {turn}", i + 1);
+        assert!(turn["encode"]["stems_before_end"].as_u64().unwrap() >= 1, "turn {}: {turn}", i + 1);
+        assert!(turn["timings"]["audio_finish_ms"].as_f64().is_some(), "turn {}: {turn}", i + 1);
+    }
     // Both answers left the output buffer whole: 1920 samples a frame at 24 kHz, twice that at 48 kHz.
     let frames: u64 = t.iter().map(|x| x["codes"].as_array().unwrap().len() as u64).sum();
     let played = summary["counters"]["frames_played"].as_u64().unwrap();
@@ -110,6 +117,62 @@ fn pulse_hands_free_two_turn_conversation() {
         played >= frames * 1920 * 2 - 2 * 960,
         "played {played} samples for {frames} codec frames"
     );
+}
+
+/// `pactl` against the private daemon.
+fn pactl(pulse: &Pulse, args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("pactl");
+    cmd.args(args);
+    for (k, v) in pulse.env() {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("cannot run pactl");
+    assert!(out.status.success(), "pactl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The speaker disappears while the loop runs (its null-sink module is unloaded): a `device_lost`
+/// event; it comes back: the loop re-opens it (`device_reopened`) and a later turn still completes.
+#[test]
+fn pulse_device_loss_reopens_and_a_later_turn_completes() {
+    let _serial = serial();
+    let pulse = Pulse::start(false);
+    let feeder = MicFeeder::start(&pulse.fifo());
+    let mut talk = spawn(
+        &base_args(&["--vad", "--max-speech-frames", "10", "--max-turns", "1"]),
+        &pulse,
+    );
+    talk.event("ready", T);
+    feeder.speak(&vec![0; 16_000]);
+    drain(&feeder);
+    let modules = pactl(&pulse, &["list", "short", "modules"]);
+    let spk = modules
+        .lines()
+        .find(|l| l.contains("module-null-sink") && l.contains("sink_name=spk"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no spk module in {modules}"))
+        .to_string();
+    pactl(&pulse, &["unload-module", &spk]);
+    let lost = talk.event("device_lost", T);
+    assert_eq!(lost["which"], "output", "{lost}");
+    // Gone for a while (the loop retries every second), then back.
+    std::thread::sleep(Duration::from_millis(1500));
+    pactl(
+        &pulse,
+        &["load-module", "module-null-sink", "sink_name=spk", "rate=48000", "channels=2"],
+    );
+    pactl(&pulse, &["set-default-sink", "spk"]);
+    // The loop re-opens both ends (input first), so the speaker's event is the one to wait for.
+    talk.wait_for("the speaker re-opened", T, |v| {
+        v["event"] == "device_reopened" && v["which"] == "output"
+    });
+    feeder.speak(&speech());
+    talk.wait_for("turn_done", T, |v| v["event"] == "turn_done");
+    let (summary, _) = talk.finish(T);
+    let t = turns(&summary);
+    assert_eq!(t.len(), 1, "{summary}");
+    assert_answered(&t[0], "the turn after the re-open");
+    assert!(summary["device_losses"].as_u64().unwrap() >= 1, "{summary}");
 }
 
 #[test]
@@ -191,6 +254,9 @@ fn pulse_barge_in_stops_playback_within_a_buffer_and_cancels_the_answer() {
     assert!(t[0]["codes"].as_array().unwrap().len() < 60, "{}", t[0]);
     assert_answered(&t[1], "turn after the barge-in");
     assert_eq!(summary["barge_ins"], 1);
+    // The barge-in turn was encoded while spoken, over the cancelled answer (its own encoder thread).
+    assert_eq!(t[1]["encode"]["path"], "streaming", "{}", t[1]);
+    assert!(t[1]["encode"]["stats"]["stems_during_speech"].as_u64().unwrap() >= 1, "{}", t[1]);
 }
 
 /// Speakerphone: the speaker's output is mixed back into the microphone at -6 dB. The assistant

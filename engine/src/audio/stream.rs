@@ -256,6 +256,18 @@ pub struct StreamingStats {
     pub frames_at_finish: usize,
 }
 
+/// Everything [`StreamingAudioEncoder::finish_with_stems`] produced.
+#[derive(Debug, Clone)]
+pub struct StreamedEncode {
+    pub tokens: AudioTokens,
+    pub mel: MelBatch,
+    pub stats: StreamingStats,
+    /// The stem of each chunk (`2·n_window` frames, the last one possibly shorter), in order.
+    pub stems: Vec<Tensor>,
+    /// The chunk length the stems were padded to (as the offline call pads: its longest chunk).
+    pub padded_frames: usize,
+}
+
 /// The AuT encoder fed as audio arrives: feeds a [`StreamingMel`] and stems each full chunk of
 /// `2·n_window` frames as soon as its frames are final. [`finish`](Self::finish) returns what
 /// `AudioEncoder::forward` gives on `extract_one`'s features of the whole utterance.
@@ -319,7 +331,14 @@ impl<'a> StreamingAudioEncoder<'a> {
 
     /// Ends the utterance: the tail frames, the remaining stems (re-stemming chunks the final maximum
     /// changed), then the windowed attention and output layers. Returns the tokens and the features.
-    pub fn finish(mut self) -> Result<(AudioTokens, MelBatch, StreamingStats)> {
+    pub fn finish(self) -> Result<(AudioTokens, MelBatch, StreamingStats)> {
+        let out = self.finish_with_stems()?;
+        Ok((out.tokens, out.mel, out.stats))
+    }
+
+    /// [`finish`](Self::finish), also returning the stem of every chunk (the live loop's tests compare
+    /// them with the offline stems of the same segment).
+    pub fn finish_with_stems(mut self) -> Result<StreamedEncode> {
         let before = self.mel.frames();
         let mel = self.mel.finish().context("streaming audio encoder")?;
         self.stats.frames_at_finish = mel.n_frames - before;
@@ -339,7 +358,13 @@ impl<'a> StreamingAudioEncoder<'a> {
         let stems: Vec<Tensor> = self.stems.iter().map(|s| s.tokens.clone()).collect();
         let per_clip = [output_tokens(mel.n_frames, self.encoder.config().n_window)];
         let tokens = self.encoder.encode_stems(&stems, &per_clip, padded)?;
-        Ok((tokens, mel, self.stats))
+        Ok(StreamedEncode {
+            tokens,
+            mel,
+            stats: self.stats,
+            stems,
+            padded_frames: padded,
+        })
     }
 
     /// Re-stems the stored chunks whose clamped mel differs at `max` from the one they were stemmed with.

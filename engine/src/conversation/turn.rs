@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use crossbeam_channel::Sender;
 
-use super::{user_message, AnswerEvent, ConversationOptions, TurnSummary, TurnTimings, UserTurn};
+use super::{user_message, AnswerEvent, ConversationOptions, TurnInput, TurnSummary, TurnTimings};
 use crate::audio_encoder::{expand_audio_pads, scatter_audio, AudioTokens, ClipFeatures};
 use crate::chat::{ChatMessage, ContentItem};
 use crate::generation::{FinishReason, Sampler, PREFILL_CHUNK};
@@ -145,7 +145,7 @@ pub struct TurnJob {
     pub model: Arc<OmniModel>,
     pub speech: Option<(Arc<SpeechModels>, u32)>,
     pub opts: ConversationOptions,
-    pub turn: UserTurn,
+    pub turn: TurnInput,
     pub cancel: CancelToken,
     pub events: Sender<AnswerEvent>,
 }
@@ -198,12 +198,26 @@ fn encode_clips(model: &OmniModel, clips: &[Vec<f32>]) -> Result<Vec<Tensor>> {
     Ok(out)
 }
 
+/// The encoder output of each clip of an already encoded turn.
+fn split_clips(tokens: &AudioTokens) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(tokens.per_clip.len());
+    let mut at = 0;
+    for &n in &tokens.per_clip {
+        out.push(tokens.embeddings.narrow(0, at, n).context("encoded user turn: audio tokens")?);
+        at += n;
+    }
+    Ok(out)
+}
+
 fn answer(job: &TurnJob, h: &mut History, start: Instant) -> Result<TurnSummary> {
     let model = &*job.model;
     let thinker = &model.thinker;
     let mut timings = TurnTimings::default();
     // 1. The new user turn in the history; its clips through the audio encoder.
-    let clip_embeds = encode_clips(model, &job.turn.audio)?;
+    let clip_embeds = match &job.turn {
+        TurnInput::Samples(t) => encode_clips(model, &t.audio)?,
+        TurnInput::Encoded(t) => split_clips(&t.audio)?,
+    };
     timings.audio_encode_ms = ms(start);
     h.messages.push(user_message(&job.turn, h.clip_tokens.len()));
     h.clip_tokens.extend(clip_embeds.iter().map(|e| e.dim(0)).collect::<candle_core::Result<Vec<_>>>()?);

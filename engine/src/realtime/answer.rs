@@ -17,12 +17,14 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::chat::{ChatMessage, ContentItem};
 use crate::conversation::{
-    AnswerEvent, AudioChunk, CancelToken, Conversation, ConversationOptions, TurnSummary, UserTurn,
+    AnswerEvent, AudioChunk, CancelToken, Conversation, ConversationOptions, EncodedUserTurn, TurnSummary, UserTurn,
 };
+use crate::audio_encoder::AudioTokens;
 use crate::generation::{generate_from_embeds, FinishReason, Sampler, StopRule};
 use crate::pipeline::{NoProgress, OmniModel};
 use crate::speech::SpeechModels;
 
+use super::encode::{sample_hash, spawn_encoder_thread, EncodeCommand, EncodeReport, EncodedSegment, HASH_START};
 use super::playback::PlaybackCommand;
 
 /// Which implementation answers.
@@ -39,6 +41,17 @@ pub struct AnswerRequest {
     pub cancel: CancelToken,
     /// Tokens of history kept before the conversation is reset.
     pub max_context_tokens: usize,
+    /// The streaming encoder's reply for `samples` (see [`super::encode`]); `None`: encode offline.
+    pub encoded: Option<Receiver<Result<EncodedSegment, String>>>,
+}
+
+/// The streaming encode of the live loop, run beside the model thread (see [`super::encode`]).
+pub struct StreamingEncodeSetup {
+    /// Commands from the capture thread.
+    pub commands: Receiver<EncodeCommand>,
+    /// Test aid: write each turn's samples, streamed mel, stems and encoder output to
+    /// `DIR/turn-N.safetensors`.
+    pub dump_dir: Option<PathBuf>,
 }
 
 /// What the model thread reports to the controller.
@@ -60,6 +73,13 @@ pub enum ModelEvent {
         turn: u64,
         summary: Box<TurnSummary>,
     },
+    /// How the turn's audio was encoded; `finish_ms`: the streaming encoder's `finish` (what remained
+    /// at the end of speech), `None` when the turn was encoded offline.
+    Encoded {
+        turn: u64,
+        finish_ms: Option<f64>,
+        report: Box<EncodeReport>,
+    },
     Failed {
         turn: Option<u64>,
         message: String,
@@ -74,6 +94,7 @@ pub fn spawn_model_thread(
     requests: Receiver<AnswerRequest>,
     events: Sender<ModelEvent>,
     playback: Sender<PlaybackCommand>,
+    streaming: Option<StreamingEncodeSetup>,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("omni-model".into())
@@ -101,6 +122,13 @@ pub fn spawn_model_thread(
                 Ok(o) => o,
                 Err(e) => return fail(e),
             };
+            let (encoder_thread, dump_dir) = match streaming {
+                Some(setup) => match spawn_encoder_thread(model.clone(), setup.commands) {
+                    Ok(t) => (Some(t), setup.dump_dir),
+                    Err(e) => return fail(e),
+                },
+                None => (None, None),
+            };
             let mut answerer = match Answerer::new(backend, model, speech.clone(), opts) {
                 Ok(a) => a,
                 Err(e) => return fail(e),
@@ -109,10 +137,25 @@ pub fn spawn_model_thread(
                 load_ms: start.elapsed().as_secs_f64() * 1e3,
                 speaks: speech.is_some(),
             });
-            for req in requests.iter() {
+            for mut req in requests.iter() {
                 let turn = req.turn;
                 let mut sent_end = false;
-                let result = answerer.answer(req, &mut |ev| match ev {
+                let mut encoded_tokens = None;
+                if let Some(reply) = req.encoded.take() {
+                    let (encoded, report) = receive_encoded(&reply, &req.samples);
+                    if let (Some(dir), Some(seg)) = (&dump_dir, &encoded) {
+                        if let Err(e) = dump_turn(dir, turn, &req.samples, seg) {
+                            tracing::warn!("--dump-turns: {e:#}");
+                        }
+                    }
+                    let _ = events.send(ModelEvent::Encoded {
+                        turn,
+                        finish_ms: encoded.as_ref().map(|s| s.finish_ms),
+                        report: Box::new(report),
+                    });
+                    encoded_tokens = encoded.map(|s| s.tokens);
+                }
+                let result = answerer.answer(req, encoded_tokens, &mut |ev| match ev {
                     AnswerEvent::TextDelta { text, .. } => {
                         if !text.is_empty() {
                             let _ = events.send(ModelEvent::TextDelta { turn, text });
@@ -152,6 +195,11 @@ pub fn spawn_model_thread(
                     let _ = playback.send(PlaybackCommand::End { turn });
                 }
             }
+            drop(answerer);
+            // The encoder thread ends when the capture thread drops its sender.
+            if let Some(t) = encoder_thread {
+                let _ = t.join();
+            }
         })
         .context("cannot start the model thread")
 }
@@ -174,7 +222,14 @@ impl Answerer {
         })
     }
 
-    fn answer(&mut self, req: AnswerRequest, on: &mut dyn FnMut(AnswerEvent)) -> Result<()> {
+    /// `encoded`: the turn's audio already encoded by the streaming encoder (the conversation then
+    /// skips its encoder; the offline back end, the reference path, always encodes the samples).
+    fn answer(
+        &mut self,
+        req: AnswerRequest,
+        encoded: Option<AudioTokens>,
+        on: &mut dyn FnMut(AnswerEvent),
+    ) -> Result<()> {
         match self {
             Self::Conversation(conv) => {
                 // A bounded context: past the limit the chat starts afresh (memory stays flat in a
@@ -182,7 +237,11 @@ impl Answerer {
                 if conv.cached_tokens() > req.max_context_tokens {
                     conv.reset();
                 }
-                for ev in conv.answer(UserTurn::audio(req.samples), req.cancel)? {
+                let stream = match encoded {
+                    Some(tokens) => conv.answer_encoded(EncodedUserTurn::audio(tokens), req.cancel)?,
+                    None => conv.answer(UserTurn::audio(req.samples), req.cancel)?,
+                };
+                for ev in stream {
                     on(ev);
                 }
                 Ok(())
@@ -190,6 +249,67 @@ impl Answerer {
             Self::Offline(o) => o.answer(req, on),
         }
     }
+}
+
+/// Waits for the streaming encoder's result and checks it was fed exactly `samples` (count and hash);
+/// on any failure the turn is encoded offline and the report says why.
+fn receive_encoded(
+    reply: &Receiver<Result<EncodedSegment, String>>,
+    samples: &[f32],
+) -> (Option<EncodedSegment>, EncodeReport) {
+    let offline = |reason: String| {
+        tracing::warn!("streaming encode not used for this turn: {reason}");
+        (
+            None,
+            EncodeReport {
+                path: "offline".into(),
+                fallback_reason: Some(reason),
+                ..Default::default()
+            },
+        )
+    };
+    let seg = match reply.recv() {
+        Ok(Ok(seg)) => seg,
+        Ok(Err(e)) => return offline(e),
+        Err(_) => return offline("the streaming encoder thread has stopped".into()),
+    };
+    if seg.samples != samples.len() || seg.hash != sample_hash(HASH_START, samples) {
+        return offline(format!(
+            "the streaming encoder was fed {} samples, the turn holds {} (or they differ)",
+            seg.samples,
+            samples.len()
+        ));
+    }
+    let report = EncodeReport {
+        path: "streaming".into(),
+        fallback_reason: None,
+        stats: Some(seg.stats.clone()),
+        samples: seg.samples,
+        blocks: seg.blocks,
+        samples_at_first_stem: seg.samples_at_first_stem,
+        stems_before_end: seg.stems_before_end,
+    };
+    (Some(seg), report)
+}
+
+/// `--dump-turns`: `DIR/turn-N.safetensors` with `samples` `[n]`, `mel` `[n_mels, frames]` (streamed),
+/// `stem.C` (chunk C's stem) and `embeddings` (the encoder output); written to a temp name, renamed.
+fn dump_turn(dir: &std::path::Path, turn: u64, samples: &[f32], seg: &EncodedSegment) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert("samples".to_string(), Tensor::from_slice(samples, samples.len(), &Device::Cpu)?);
+    let frames = seg.mel.len() / seg.n_mels.max(1);
+    tensors.insert("mel".to_string(), Tensor::from_slice(&seg.mel, (seg.n_mels, frames), &Device::Cpu)?);
+    for (c, stem) in seg.stems.iter().enumerate() {
+        tensors.insert(format!("stem.{c}"), stem.clone());
+    }
+    tensors.insert("embeddings".to_string(), seg.tokens.embeddings.clone());
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(format!("turn-{turn}.safetensors"));
+    let tmp = dir.join(format!(".turn-{turn}.safetensors.partial"));
+    candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(())
 }
 
 /// The `omni run` path over a growing message list.

@@ -15,6 +15,7 @@ use ringbuf::traits::{Consumer, Observer};
 use ringbuf::HeapCons;
 
 use super::aec::{EchoCanceller, EchoMode, EchoStats, AEC_FRAME};
+use super::encode::{EncodeCommand, EncodedSegment};
 use super::resample::StreamResampler;
 use super::vad::{frame_dbfs, Segmenter, VadEvent, VadSettings};
 use super::{now_ns, LoopShared, CAPTURE_RATE, POLL};
@@ -70,6 +71,8 @@ pub enum CaptureEvent {
         speech_end_ms: f64,
         speech_end_ns: u64,
         declared_ns: u64,
+        /// The streaming encoder's result for exactly these samples, when it was fed.
+        encoded: Option<Receiver<Result<EncodedSegment, String>>>,
     },
     /// The last window (about 1 s) with the assistant audible: the canceller's statistics, our ERLE
     /// measurement and the microphone level before cancellation.
@@ -91,6 +94,14 @@ pub struct CaptureConfig {
     pub echo_delay_ms: i32,
     /// Push-to-talk is down from the first sample (a WAV file that is one turn).
     pub ptt_from_start: bool,
+    /// The streaming encoder thread ([`super::encode`]): fed the open segment's samples during speech.
+    pub encoder: Option<Sender<EncodeCommand>>,
+}
+
+/// The segment being fed to the streaming encoder: its id and how many of its samples were sent.
+struct Feed {
+    segment: u64,
+    fed: usize,
 }
 
 /// Starts the capture thread.
@@ -152,6 +163,8 @@ struct Capture {
     last_level_at: u64,
     last_echo_at: u64,
     speech_end_ns: u64,
+    feed: Option<Feed>,
+    segments: u64,
 }
 
 impl Capture {
@@ -166,7 +179,7 @@ impl Capture {
     ) -> Result<Self> {
         let segmenter = Segmenter::new(cfg.vad)?;
         let aec = EchoCanceller::new(cfg.echo, cfg.echo_delay_ms);
-        Ok(Self {
+        let mut capture = Self {
             input,
             input_rs: StreamResampler::new(input_rate, CAPTURE_RATE)?,
             reference,
@@ -187,8 +200,67 @@ impl Capture {
             last_level_at: 0,
             last_echo_at: 0,
             speech_end_ns: 0,
+            feed: None,
+            segments: 0,
             cfg,
-        })
+        };
+        if capture.ptt.is_some() {
+            capture.begin_segment(); // push-to-talk down from the first sample
+        }
+        Ok(capture)
+    }
+
+    /// A segment opened (VAD onset or push-to-talk down): a fresh streaming encoder state.
+    fn begin_segment(&mut self) {
+        let Some(enc) = &self.cfg.encoder else { return };
+        self.segments += 1;
+        let segment = self.segments;
+        let _ = enc.send(EncodeCommand::Begin { segment });
+        self.feed = Some(Feed { segment, fed: 0 });
+    }
+
+    /// Sends the open segment's samples that are certain to stay in its turn and were not sent yet.
+    /// Called between input batches, never inside the end-of-input padding (see `end_of_input`).
+    fn feed_open_segment(&mut self) {
+        let (Some(enc), Some(feed)) = (&self.cfg.encoder, &mut self.feed) else { return };
+        let committed: &[f32] = match self.cfg.mode {
+            TurnMode::PushToTalk => self.ptt.as_deref().unwrap_or(&[]),
+            TurnMode::HandsFree => self.segmenter.committed_samples().unwrap_or(&[]),
+        };
+        if committed.len() > feed.fed {
+            let _ = enc.send(EncodeCommand::Samples {
+                segment: feed.segment,
+                samples: committed[feed.fed..].to_vec(),
+            });
+            feed.fed = committed.len();
+        }
+    }
+
+    /// The open segment will not be a turn: its encoder state goes.
+    fn discard_segment(&mut self) {
+        if let (Some(enc), Some(feed)) = (&self.cfg.encoder, self.feed.take()) {
+            let _ = enc.send(EncodeCommand::Discard { segment: feed.segment });
+        }
+    }
+
+    /// The turn's samples are final: the rest goes to the encoder, then `finish`; returns its reply.
+    fn finish_segment(&mut self, samples: &[f32], end_ns: u64) -> Option<Receiver<Result<EncodedSegment, String>>> {
+        let enc = self.cfg.encoder.as_ref()?;
+        let feed = self.feed.take()?;
+        if feed.fed > samples.len() {
+            // Cannot happen with the committed-prefix rule; the model thread would fall back anyway.
+            let _ = enc.send(EncodeCommand::Discard { segment: feed.segment });
+            return None;
+        }
+        if samples.len() > feed.fed {
+            let _ = enc.send(EncodeCommand::Samples {
+                segment: feed.segment,
+                samples: samples[feed.fed..].to_vec(),
+            });
+        }
+        let (reply, result) = crossbeam_channel::bounded(1);
+        enc.send(EncodeCommand::Finish { segment: feed.segment, end_ns, reply }).ok()?;
+        Some(result)
     }
 
     fn ms(&self, sample: u64) -> f64 {
@@ -217,6 +289,7 @@ impl Capture {
                 self.input_rs.process(&raw[..n], &mut self.mic16)?;
                 self.raw = raw;
                 self.process_available()?;
+                self.feed_open_segment();
             }
             // 3. Commands (after the samples that came before them).
             while let Ok(cmd) = commands.try_recv() {
@@ -239,6 +312,7 @@ impl Capture {
             CaptureCommand::PttStart => {
                 if self.ptt.is_none() {
                     self.ptt = Some(Vec::with_capacity(CAPTURE_RATE as usize * 10));
+                    self.begin_segment();
                     let at_ms = self.ms(self.position);
                     if self.answer_active() {
                         self.barge_in(at_ms);
@@ -380,6 +454,7 @@ impl Capture {
         }
         match ev {
             VadEvent::Onset { start_sample } => {
+                self.begin_segment();
                 let _ = self.events.send(CaptureEvent::SpeechStart {
                     at_ms: self.ms(start_sample),
                 });
@@ -393,6 +468,7 @@ impl Capture {
                 start_sample,
                 voiced_ms,
             } => {
+                self.discard_segment();
                 let _ = self.events.send(CaptureEvent::SpeechRejected {
                     at_ms: self.ms(start_sample),
                     voiced_ms: voiced_ms as f64,
@@ -411,8 +487,10 @@ impl Capture {
 
     fn emit_turn(&mut self, samples: Vec<f32>, end_sample: u64, speech_end_ns: u64, declared_ns: u64) {
         if samples.is_empty() {
+            self.discard_segment();
             return;
         }
+        let encoded = self.finish_segment(&samples, declared_ns);
         self.turns += 1;
         self.shared.busy.store(true, Ordering::Release);
         let _ = self.events.send(CaptureEvent::Turn {
@@ -421,6 +499,7 @@ impl Capture {
             speech_end_ms: self.ms(end_sample),
             speech_end_ns,
             declared_ns,
+            encoded,
         });
     }
 }

@@ -251,6 +251,20 @@ fn fixed_buffer(range: &SupportedBufferSize, rate: u32, buffer_ms: u32) -> u32 {
     }
 }
 
+/// Drops a stream being replaced on a thread of its own. Why: a PulseAudio stream whose device was
+/// removed (its sink module unloaded) leaves cpal's stream thread blocked for good, and cpal's
+/// `Drop` joins that thread, so dropping it here would hang the controller (seen under
+/// tests/audio/pulse.sh). A healthy stream is dropped at once on that thread; a dead one keeps it.
+pub fn retire_stream(stream: Option<OpenStream>) {
+    let Some(stream) = stream else { return };
+    let spawned = std::thread::Builder::new()
+        .name("omni-retire-stream".into())
+        .spawn(move || drop(stream));
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start a thread to close the old stream: {e}");
+    }
+}
+
 /// Error callback: counts xruns, raises `device_lost` (and says why) for fatal errors.
 fn error_handler(
     shared: Arc<LoopShared>,

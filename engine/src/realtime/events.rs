@@ -57,6 +57,10 @@ pub struct TurnTimings {
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub speech_ms: f64,
+    /// Wall time of the streaming audio encoder's `finish` for this turn: the encoder work left after
+    /// the end of speech (the mel frames and chunk stems ran while the user spoke). `None`: the turn
+    /// was encoded offline (the `offline` back end, or a fallback, see the turn's `encode` report).
+    pub audio_finish_ms: Option<f64>,
 }
 
 /// One event of the loop.

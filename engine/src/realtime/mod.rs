@@ -10,6 +10,9 @@
 //!   because webrtc-vad's `Vad` is not `Send`) and cuts turns;
 //! - the **playback thread** ([`playback`]) resamples answer chunks from 24 kHz to the device rate and
 //!   fills the output ring;
+//! - the **encoder thread** ([`encode`]) runs the streaming audio encoder on the open segment's samples
+//!   while the user speaks (fed by the capture thread over a channel), so a turn's audio is encoded
+//!   but for `finish` when it is cut;
 //! - the **model thread** ([`answer`]) answers a turn, streaming text deltas and audio chunks, and stops
 //!   when its cancel token is set;
 //! - the **controller** ([`turns`]) ties them together with `crossbeam-channel` messages and publishes
@@ -21,6 +24,7 @@ pub mod aec;
 pub mod answer;
 pub mod capture;
 pub mod devices;
+pub mod encode;
 pub mod events;
 pub mod playback;
 pub mod resample;

@@ -103,6 +103,10 @@ pub struct TalkArgs {
     /// Answer back end: conversation (streaming, KV reuse) or offline (the `omni run` path).
     #[arg(long, default_value = "conversation", hide = true)]
     pub engine: String,
+    /// Test aid: write each turn's samples, streamed mel, chunk stems and encoder output to
+    /// DIR/turn-N.safetensors (conversation back end).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub dump_turns: Option<PathBuf>,
     /// List audio devices and exit.
     #[arg(long)]
     pub list_devices: bool,
@@ -204,6 +208,7 @@ pub fn config_from_args(args: &TalkArgs) -> Result<TalkConfig> {
         max_turns: args.max_turns,
         max_seconds: args.max_seconds,
         max_context_tokens: args.max_context_tokens,
+        dump_turns: args.dump_turns.clone(),
         options: Box::new(options_builder(args)),
     })
 }

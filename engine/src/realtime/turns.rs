@@ -15,7 +15,8 @@ use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use serde::Serialize;
 
 use super::aec::EchoMode;
-use super::answer::{spawn_model_thread, AnswerRequest, Backend, ModelEvent};
+use super::answer::{spawn_model_thread, AnswerRequest, Backend, ModelEvent, StreamingEncodeSetup};
+use super::encode::{EncodeCommand, EncodeReport};
 use super::capture::{spawn_capture, CaptureCommand, CaptureConfig, CaptureEvent, TurnMode};
 use super::devices::{self, InputTap, OpenStream, OutputTap};
 use super::events::{DevicePlacement, LoopState, TalkEvent, TurnTimings};
@@ -60,6 +61,8 @@ pub struct TalkConfig {
     pub max_seconds: Option<f64>,
     /// History kept (tokens in the KV cache) before the conversation starts afresh.
     pub max_context_tokens: usize,
+    /// Test aid (`--dump-turns`): each turn's samples, streamed mel, stems and encoder output.
+    pub dump_turns: Option<PathBuf>,
     /// Builds the answer options once the model is loaded.
     pub options: Box<dyn FnOnce(&OmniModel) -> Result<ConversationOptions> + Send>,
 }
@@ -76,6 +79,9 @@ pub struct TurnReport {
     pub cancelled: bool,
     pub user_seconds: f64,
     pub timings: TurnTimings,
+    /// How the turn's audio was encoded (streaming during speech, or offline); `None` for the
+    /// `offline` back end, which always encodes after the turn.
+    pub encode: Option<EncodeReport>,
 }
 
 /// What a run did.
@@ -188,6 +194,18 @@ impl Controller {
         let (req_tx, req_rx) = unbounded::<AnswerRequest>();
         let (model_tx, model_rx) = unbounded::<ModelEvent>();
         let (play_tx, play_rx) = unbounded::<PlaybackCommand>();
+        // The conversation back end encodes each turn while it is spoken (see `encode`); the capture
+        // thread holds the only sender, so the encoder thread ends with it.
+        let (encode_tx, streaming) = if cfg.backend == Backend::Conversation {
+            let (tx, rx) = unbounded::<EncodeCommand>();
+            let setup = StreamingEncodeSetup {
+                commands: rx,
+                dump_dir: cfg.dump_turns.clone(),
+            };
+            (Some(tx), Some(setup))
+        } else {
+            (None, None)
+        };
         let model_thread = spawn_model_thread(
             cfg.model_dir.clone(),
             cfg.backend,
@@ -195,6 +213,7 @@ impl Controller {
             req_rx,
             model_tx,
             play_tx.clone(),
+            streaming,
         )?;
         let speaks = match model_rx.recv() {
             Ok(ModelEvent::Loaded { speaks, .. }) => speaks,
@@ -276,6 +295,7 @@ impl Controller {
             echo: cfg.echo,
             echo_delay_ms,
             ptt_from_start,
+            encoder: encode_tx,
         };
         let capture = spawn_capture(
             capture_cfg,
@@ -454,7 +474,7 @@ fn reopen(
     let host = host.context("no audio host")?;
     let mut which = Vec::new();
     if let InputChoice::Device(name) = input {
-        drop(ends.input_stream.take());
+        devices::retire_stream(ends.input_stream.take());
         let dev = devices::find_device(host, name.as_deref(), true)?;
         let (prod, cons) = devices::ring(48_000, 2.0);
         let s = devices::open_input(
@@ -472,7 +492,7 @@ fn reopen(
         which.push("input".to_string());
     }
     if let OutputChoice::Device(name) = output {
-        drop(ends.output_stream.take());
+        devices::retire_stream(ends.output_stream.take());
         let dev = devices::find_device(host, name.as_deref(), false)?;
         let (out_prod, out_cons) = devices::ring(48_000, 1.0);
         let (ref_prod, ref_cons) = devices::ring(48_000, 2.0);
@@ -572,6 +592,7 @@ impl RunState {
                 speech_end_ms,
                 speech_end_ns,
                 declared_ns,
+                encoded,
             } => {
                 let seconds = samples.len() as f64 / CAPTURE_RATE as f64;
                 let _ = self.events.send(TalkEvent::SpeechEnd {
@@ -597,6 +618,7 @@ impl RunState {
                         samples,
                         cancel,
                         max_context_tokens: self.max_context_tokens,
+                        encoded,
                     })
                     .context("the model thread has stopped")?;
                 self.set_state(LoopState::Thinking);
@@ -629,6 +651,16 @@ impl RunState {
     fn model_event(&mut self, ev: ModelEvent) {
         match ev {
             ModelEvent::Loaded { .. } | ModelEvent::Audio { .. } => {}
+            ModelEvent::Encoded {
+                turn,
+                finish_ms,
+                report,
+            } => {
+                if let Some(r) = self.records.get_mut(&turn) {
+                    r.report.timings.audio_finish_ms = finish_ms;
+                    r.report.encode = Some(*report);
+                }
+            }
             ModelEvent::TextDelta { turn, text } => {
                 if let Some(r) = self.records.get_mut(&turn) {
                     if r.report.timings.first_text_ms.is_none() {

@@ -87,6 +87,9 @@ pub enum VadEvent {
     Rejected { start_sample: u64, voiced_ms: usize },
 }
 
+/// Samples a turn keeps after its last voiced frame (100 ms).
+pub const TURN_TAIL: usize = CAPTURE_RATE as usize / 10;
+
 /// The VAD with the rules above, fed 16 kHz mono frames.
 pub struct Segmenter {
     vad: Vad,
@@ -148,6 +151,17 @@ impl Segmenter {
     /// True while a segment is open.
     pub fn in_speech(&self) -> bool {
         self.segment.is_some()
+    }
+
+    /// The open segment's samples that its turn will surely contain (pre-roll included), or `None`
+    /// when no segment is open. A turn keeps its samples up to the last voiced frame plus a tail of
+    /// [`TURN_TAIL`] samples; the last voiced frame only moves forward, so everything up to the current
+    /// one plus the tail (or up to now, if shorter) stays. The streaming encoder is fed only these.
+    pub fn committed_samples(&self) -> Option<&[f32]> {
+        self.segment.as_ref().map(|seg| {
+            let end = (seg.voiced_end + TURN_TAIL).min(seg.samples.len());
+            &seg.samples[..end]
+        })
     }
 
     /// Samples fed so far.
@@ -246,7 +260,7 @@ impl Segmenter {
             };
         }
         // Keep 100 ms after the last voiced frame: word endings fall below the VAD before they end.
-        let tail = (CAPTURE_RATE as usize / 10).min(seg.samples.len() - seg.voiced_end);
+        let tail = TURN_TAIL.min(seg.samples.len() - seg.voiced_end);
         seg.samples.truncate(seg.voiced_end + tail);
         VadEvent::Turn {
             start_sample: seg.start_sample,
@@ -283,6 +297,43 @@ mod tests {
         events.extend(run(&mut seg, &noise));
         events.extend(seg.finish());
         assert!(events.iter().all(|e| !matches!(e, VadEvent::Turn { .. })), "{events:?}");
+    }
+
+    /// What the streaming encoder is fed during a segment is always a prefix of the turn it becomes,
+    /// whatever the VAD trims at the end (the live loop's exactness rests on this).
+    #[test]
+    fn committed_samples_are_a_prefix_of_the_turn() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/audio/speech_16k_s16.wav");
+        let speech: Vec<f32> = hound::WavReader::open(path)
+            .unwrap()
+            .samples::<i16>()
+            .map(|x| x.unwrap() as f32 / 32768.0)
+            .collect();
+        let mut audio = vec![0.0f32; 8000];
+        audio.extend(&speech);
+        audio.extend(vec![0.0f32; 24000]);
+        audio.extend(speech.iter().map(|x| x * 0.5));
+        audio.extend(vec![0.0f32; 20000]);
+        let mut seg = Segmenter::new(VadSettings::default()).unwrap();
+        let mut snapshots: Vec<Vec<f32>> = Vec::new();
+        let mut turns = 0;
+        for f in audio.chunks_exact(seg.frame_samples()) {
+            let ev = seg.push_frame(f).unwrap();
+            if let Some(VadEvent::Turn { samples, .. }) = &ev {
+                turns += 1;
+                assert!(!snapshots.is_empty());
+                for s in &snapshots {
+                    assert!(s.len() <= samples.len() && samples[..s.len()] == s[..], "not a prefix");
+                }
+                // Everything but at most the last frame's worth of samples was committed before the end.
+                assert!(samples.len() - snapshots.last().unwrap().len() <= TURN_TAIL + seg.frame_samples());
+                snapshots.clear();
+            }
+            if let Some(c) = seg.committed_samples() {
+                snapshots.push(c.to_vec());
+            }
+        }
+        assert_eq!(turns, 2);
     }
 
     #[test]
