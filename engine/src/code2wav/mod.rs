@@ -391,6 +391,10 @@ impl Code2Wav {
 
     /// Frames (already validated) → waveform samples.
     pub(crate) fn waveform(&self, frames: &[Vec<u32>], clamp: bool) -> Result<Vec<f32>> {
+        crate::quant::in_pool(|| self.waveform_in_pool(frames, clamp))
+    }
+
+    fn waveform_in_pool(&self, frames: &[Vec<u32>], clamp: bool) -> Result<Vec<f32>> {
         let device = self.code_embedding.device();
         let hidden = self.embed(frames, device)?;
         // 2. Pre-transformer: [1, t, h].

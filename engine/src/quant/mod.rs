@@ -38,6 +38,18 @@ pub fn enabled() -> bool {
 /// Multiply-adds per work item at least: below this a rayon hand-off costs more than the work.
 const MIN_ITEM_MACS: usize = 1 << 16;
 
+/// Runs `f` on a worker of the rayon pool (at once if this thread is one). A product started from an
+/// outside thread is injected cold: the caller sleeps on a latch and a parked worker must be woken,
+/// tens of microseconds each time; from inside the pool it is a cheap fork. Model forwards wrap
+/// their whole step in this so the dozens of products of one decode step pay that once.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// A raw pointer that may cross to the worker threads: every user writes a disjoint region.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);

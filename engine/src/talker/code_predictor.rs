@@ -180,6 +180,15 @@ impl CodePredictor {
         code0_embed: &Tensor,
         sampler: &mut Sampler,
     ) -> Result<(Vec<u32>, Tensor)> {
+        crate::quant::in_pool(|| self.generate_in_pool(past_hidden, code0_embed, sampler))
+    }
+
+    fn generate_in_pool(
+        &self,
+        past_hidden: &Tensor,
+        code0_embed: &Tensor,
+        sampler: &mut Sampler,
+    ) -> Result<(Vec<u32>, Tensor)> {
         let mut cache = LayerCache::new(self.layers.len());
         // 1. Prefill on [past_hidden, code0 embedding]: [1, 2, H].
         let mut x = Tensor::cat(&[past_hidden, code0_embed], 1)?;

@@ -291,6 +291,15 @@ impl TalkerModel {
         positions: &[Vec<i64>; 3],
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
+        crate::quant::in_pool(|| self.forward_in_pool(embeds, positions, cache))
+    }
+
+    fn forward_in_pool(
+        &self,
+        embeds: &Tensor,
+        positions: &[Vec<i64>; 3],
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
         let t = embeds.dim(1)?;
         let past = cache.len();
         // 1. Rotary tables and causal mask over [past + t].

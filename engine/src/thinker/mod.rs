@@ -271,6 +271,17 @@ impl ThinkerText {
         capture: &[usize],
         deepstack: Option<&Deepstack>,
     ) -> Result<ThinkerStep> {
+        crate::quant::in_pool(|| self.forward_in_pool(embeds, positions, cache, capture, deepstack))
+    }
+
+    fn forward_in_pool(
+        &self,
+        embeds: &Tensor,
+        positions: &[Vec<i64>; 3],
+        cache: &mut KvCache,
+        capture: &[usize],
+        deepstack: Option<&Deepstack>,
+    ) -> Result<ThinkerStep> {
         let t = embeds.dim(1)?;
         let past = cache.len();
         // 1. Rotary tables for the new positions and the causal mask over [past + t].
