@@ -46,4 +46,5 @@ pair() {
 pair thinker8 90 thinker --layers 8 --prompt-tokens 128 --gen 8
 pair speech 120 speech --frames 60 --prefill-rows 80
 pair latency 200 latency --layers 48 --speech-seconds 5
+pair conversation 150 latency --conversation --layers 48 --speech-seconds 5
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"
