@@ -241,10 +241,7 @@ fn streaming_is_close_to_decode() {
 
         // Clamping and push_frames agree with the unclamped frame-by-frame stream.
         let short = CodecFrames::new(all.frames[..14].to_vec());
-        let opts = StreamingOptions {
-            chunk_frames: 4,
-            left_context: 2,
-        };
+        let opts = StreamingOptions::uniform(4, 2);
         let raw = stream_frame_by_frame(model, &short, opts);
         let mut stream = model.streaming(opts).unwrap();
         let mut wav = stream.push_frames(&short).unwrap();
@@ -259,10 +256,7 @@ fn streaming_is_close_to_decode() {
         let full_raw = model.decode_unclamped(&codes).unwrap();
         let full = clamp(&full_raw);
         for (chunk_frames, left_context) in settings {
-            let opts = StreamingOptions {
-                chunk_frames,
-                left_context,
-            };
+            let opts = StreamingOptions::uniform(chunk_frames, left_context);
             let raw = if opts == StreamingOptions::default() {
                 stream_frame_by_frame(model, &codes, opts)
             } else {
@@ -293,6 +287,28 @@ fn streaming_is_close_to_decode() {
             let head = snr_db(&raw[..first], &full_raw[..first]);
             assert!(head > 60.0, "{name}: first streamed chunk SNR {head:.1} dB");
         }
+
+        // The product's chunking: a short first chunk (the first sound), then longer ones.
+        let opts = omni_engine::conversation::ANSWER_CHUNKING;
+        assert!(opts.first_chunk_frames < opts.chunk_frames);
+        let mut stream = model.streaming(opts).unwrap().without_clamp();
+        let (mut raw, mut first_at) = (Vec::new(), None);
+        for (i, frame) in codes.frames.iter().enumerate() {
+            let out = stream.push(frame.clone()).unwrap();
+            if !out.is_empty() && first_at.is_none() {
+                first_at = Some(i + 1);
+            }
+            raw.extend(out);
+        }
+        raw.extend(stream.finish().unwrap());
+        assert_eq!(first_at, Some(opts.first_chunk_frames), "{name}: first audio after the first chunk's frames");
+        assert_eq!(raw.len(), full_raw.len(), "{name}: streamed length");
+        let ac = ac_snr_db(&raw, &full_raw);
+        eprintln!("{name}: answer chunking {opts:?}: {ac:.1} dB (raw, AC) vs decode");
+        assert!(ac > 30.0, "{name}: answer chunking AC SNR {ac:.1} dB <= 30");
+        let first = opts.first_chunk_frames * spf - model.lag_samples();
+        let head = snr_db(&raw[..first], &full_raw[..first]);
+        assert!(head > 60.0, "{name}: first streamed chunk SNR {head:.1} dB");
     }
 }
 
@@ -350,15 +366,9 @@ fn bad_codes_are_errors() {
     assert_eq!(stream.frames_received(), 0);
     assert!(stream.finish().unwrap().is_empty());
     assert!(model
-        .streaming(StreamingOptions {
-            chunk_frames: 0,
-            left_context: 25
-        })
+        .streaming(StreamingOptions::uniform(0, 25))
         .is_err());
     assert!(model
-        .streaming(StreamingOptions {
-            chunk_frames: 4,
-            left_context: 0
-        })
+        .streaming(StreamingOptions::uniform(4, 0))
         .is_err());
 }

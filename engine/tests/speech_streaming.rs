@@ -132,7 +132,7 @@ fn streamed_codes_equal_non_streamed_codes_and_the_reference() {
             opts.system = system;
             opts.speaker = Some(case["speaker"].as_str().unwrap().to_string());
             opts.stop_ids = Some(serde_json::from_value(case["thinker_eos"].clone()).unwrap());
-            opts.chunking = StreamingOptions { chunk_frames: 4, left_context: 25 };
+            opts.chunking = StreamingOptions::uniform(4, 25);
             let mut conv = Conversation::new(model.clone(), Some(speech.clone()), opts.clone()).unwrap();
             let clips = turn.audio.clone();
             let streamed = collect(conv.answer(turn, CancelToken::new()).unwrap());
@@ -173,7 +173,7 @@ fn streamed_codes_equal_non_streamed_codes_and_the_reference() {
 fn long_answer(tokens: usize) -> ConversationOptions {
     let mut opts = ConversationOptions::greedy(tokens, 64);
     opts.stop_ids = Some(Vec::new());
-    opts.chunking = StreamingOptions { chunk_frames: 4, left_context: 25 };
+    opts.chunking = StreamingOptions::uniform(4, 25);
     opts
 }
 
@@ -302,7 +302,7 @@ fn two_turns_with_kv_reuse_equal_a_fresh_run_on_the_message_list() {
         let (system, turn1) = prompt(&golden, "system");
         let mut opts = ConversationOptions::greedy(8, 12);
         opts.system = system;
-        opts.chunking = StreamingOptions { chunk_frames: 4, left_context: 25 };
+        opts.chunking = StreamingOptions::uniform(4, 25);
         let mut conv = Conversation::new(model.clone(), Some(speech.clone()), opts.clone()).unwrap();
         let first = collect(conv.answer(turn1, CancelToken::new()).unwrap()).summary;
         // Turn 2 with audio: its Talker rows go through hidden_projection of states from this turn's prefill.

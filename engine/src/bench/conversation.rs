@@ -49,6 +49,7 @@ pub struct ConversationLatency {
     pub load_s: f64,
     pub speech_seconds: f64,
     pub chunk_frames: usize,
+    pub first_chunk_frames: usize,
     /// From `Conversation::answer` (the turn's timings).
     pub audio_encode_ms: f64,
     pub prefill_ms: f64,
@@ -228,6 +229,7 @@ pub fn bench_conversation_latency(
     );
     opts.chunking.chunk_frames = chunk_frames;
     opts.max_new_tokens = 64;
+    let first_chunk_frames = opts.chunking.first_chunk_frames;
     let mut conv = Conversation::new(model.clone(), Some(speech), opts)?;
     let cancel = CancelToken::new();
     let mut first_audio_seen = None;
@@ -259,6 +261,7 @@ pub fn bench_conversation_latency(
         load_s,
         speech_seconds,
         chunk_frames,
+        first_chunk_frames,
         audio_encode_ms: tm.audio_encode_ms,
         prefill_ms: tm.prefill_ms,
         first_token_ms: tm.first_token_ms,
@@ -293,8 +296,8 @@ impl ConversationLatency {
             "first audio chunk",
             opt(self.first_audio_ms),
             format!(
-                "from the answer call; chunks of {} frames",
-                self.chunk_frames
+                "from the answer call; first chunk {} frames, then {}",
+                self.first_chunk_frames, self.chunk_frames
             ),
         );
         t.row(

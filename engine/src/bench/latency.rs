@@ -48,6 +48,7 @@ pub struct LatencyBenchOptions {
     pub system_tokens: usize,
     pub layers: usize,
     pub chunk_frames: usize,
+    pub first_chunk_frames: usize,
     pub left_context: usize,
     pub seed: u64,
 }
@@ -55,15 +56,13 @@ pub struct LatencyBenchOptions {
 impl Default for LatencyBenchOptions {
     fn default() -> Self {
         // The chunking `ConversationOptions::new` streams answers with.
-        let s = StreamingOptions {
-            chunk_frames: 8,
-            left_context: 25,
-        };
+        let s = crate::conversation::ANSWER_CHUNKING;
         Self {
             speech_seconds: 5.0,
             system_tokens: 40,
             layers: REAL_THINKER_LAYERS,
             chunk_frames: s.chunk_frames,
+            first_chunk_frames: s.first_chunk_frames,
             left_context: s.left_context,
             seed: 1,
         }
@@ -301,7 +300,7 @@ pub fn bench_latency(opts: &LatencyBenchOptions) -> Result<LatencyBench> {
         format!("{rows} prefill rows"),
     ));
     let mut params = TalkerParams::reference(opts.seed);
-    params.max_frames = opts.chunk_frames + 2;
+    params.max_frames = opts.first_chunk_frames + 2;
     let t = Instant::now();
     let mut stream = TalkerStream::new(&m.talker, &input.prefill, &params)?;
     stages.push(plain("talker prefill", ms_since(t), format!("{rows} rows")));
@@ -309,6 +308,7 @@ pub fn bench_latency(opts: &LatencyBenchOptions) -> Result<LatencyBench> {
     // 5./6. Frames until Code2Wav's first chunk; each frame also needs the Thinker's next token.
     let mut c2w = m.code2wav.streaming(StreamingOptions {
         chunk_frames: opts.chunk_frames,
+        first_chunk_frames: opts.first_chunk_frames,
         left_context: opts.left_context,
     })?;
     let (mut cp_ms, mut talker_ms) = (0.0, 0.0);

@@ -35,10 +35,8 @@ pub struct SpeechBenchOptions {
 impl Default for SpeechBenchOptions {
     fn default() -> Self {
         // The chunking `ConversationOptions::new` streams answers with.
-        let s = StreamingOptions {
-            chunk_frames: 8,
-            left_context: 25,
-        };
+        // (its later chunks: this bench streams every chunk at that size, first one included)
+        let s = crate::conversation::ANSWER_CHUNKING;
         Self {
             frames: 100,
             prefill_rows: 80,
@@ -116,10 +114,7 @@ pub fn bench_speech(opts: &SpeechBenchOptions) -> Result<SpeechBench> {
     let h = tcfg.text_config.hidden_size;
     let prefill = random_rows(opts.prefill_rows, h, &device)?;
     let text_row = random_rows(1, h, &device)?;
-    let sopts = StreamingOptions {
-        chunk_frames: opts.chunk_frames,
-        left_context: opts.left_context,
-    };
+    let sopts = StreamingOptions::uniform(opts.chunk_frames, opts.left_context);
     let mut c2w = code2wav.streaming(sopts)?;
     let spf = code2wav.samples_per_frame();
     let rate = code2wav.sample_rate() as f64;

@@ -128,6 +128,9 @@ struct BenchCommon {
     /// Frames per streaming Code2Wav chunk (default: the product's).
     #[arg(long)]
     chunk_frames: Option<usize>,
+    /// Frames of the first Code2Wav chunk in `bench latency` (default: the product's, 2).
+    #[arg(long)]
+    first_chunk_frames: Option<usize>,
 }
 
 #[derive(Args)]
@@ -606,6 +609,7 @@ fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
                 ..Default::default()
             };
             o.chunk_frames = common.chunk_frames.unwrap_or(o.chunk_frames);
+            o.first_chunk_frames = common.first_chunk_frames.unwrap_or(o.first_chunk_frames);
             let r = bench_latency(&o)?;
             print_bench(common.json, &r.table(), &r)?;
         }

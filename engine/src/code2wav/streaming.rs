@@ -15,8 +15,12 @@ use super::{Code2Wav, CodecFrames};
 /// Chunking of a [`StreamingCode2Wav`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamingOptions {
-    /// New frames per decode (80 ms each): the latency step. Default 12 (0.96 s).
+    /// New frames per decode (80 ms each) after the first chunk. Default 12 (0.96 s).
     pub chunk_frames: usize,
+    /// Frames of the first chunk: the time to the first sound is this many Talker frames (and as
+    /// many Thinker tokens), so a voice assistant wants it small; later chunks can be longer,
+    /// which costs less re-decoded context per second of audio. Default 12.
+    pub first_chunk_frames: usize,
     /// Already-decoded frames re-decoded before each chunk, whose audio is dropped. Default 25 (2 s),
     /// as the reference's `chunked_decode`. At least one frame (the `lag` samples come from it).
     pub left_context: usize,
@@ -24,9 +28,17 @@ pub struct StreamingOptions {
 
 impl Default for StreamingOptions {
     fn default() -> Self {
+        Self::uniform(12, 25)
+    }
+}
+
+impl StreamingOptions {
+    /// Every chunk `chunk_frames` long, the first too.
+    pub fn uniform(chunk_frames: usize, left_context: usize) -> Self {
         Self {
-            chunk_frames: 12,
-            left_context: 25,
+            chunk_frames,
+            first_chunk_frames: chunk_frames,
+            left_context,
         }
     }
 }
@@ -53,8 +65,8 @@ pub struct StreamingCode2Wav<'a> {
 impl<'a> StreamingCode2Wav<'a> {
     pub fn new(model: &'a Code2Wav, opts: StreamingOptions) -> Result<Self> {
         ensure!(
-            opts.chunk_frames > 0,
-            "streaming Code2Wav: chunk_frames must be positive"
+            opts.chunk_frames > 0 && opts.first_chunk_frames > 0,
+            "streaming Code2Wav: chunk_frames and first_chunk_frames must be positive"
         );
         let (spf, lag) = (model.samples_per_frame(), model.lag_samples());
         let min_context = lag.div_ceil(spf).max(1);
@@ -108,7 +120,8 @@ impl<'a> StreamingCode2Wav<'a> {
         )?;
         self.window.push(frame);
         self.received += 1;
-        if self.pending_frames() >= self.opts.chunk_frames {
+        let chunk = if self.decoded == 0 { self.opts.first_chunk_frames } else { self.opts.chunk_frames };
+        if self.pending_frames() >= chunk {
             self.decode_pending()
         } else {
             Ok(Vec::new())
