@@ -187,53 +187,60 @@ mod avx2 {
         _mm_cvtss_f32(res)
     }
 
-    /// A `C × R` tile: C weight rows against R activation rows, one pass over the blocks.
-    #[inline(always)]
-    unsafe fn tile<const C: usize, const R: usize>(
-        w: &[*const BlockQ8],
-        x: &[*const BlockQ8],
-        blocks: usize,
-        out: *mut f32,
-        out_stride: usize,
-    ) {
-        unsafe {
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            for b in 0..blocks {
-                let mut wq = [_mm256_setzero_si256(); C];
-                let mut wa = [_mm256_setzero_si256(); C];
-                let mut wd = [0f32; C];
-                for c in 0..C {
-                    let blk = &*w[c].add(b);
-                    wq[c] = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
-                    wa[c] = _mm256_sign_epi8(wq[c], wq[c]);
-                    wd[c] = scale(blk.d);
-                }
-                for r in 0..R {
-                    let blk = &*x[r].add(b);
-                    let xq = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
-                    let xd = scale(blk.d);
-                    for c in 0..C {
-                        let sy = _mm256_sign_epi8(xq, wq[c]);
-                        let dot = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(wa[c], sy));
-                        let d = _mm256_set1_ps(wd[c] * xd);
-                        acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[r][c]);
-                    }
-                }
-            }
-            for r in 0..R {
-                for c in 0..C {
-                    *out.add(r * out_stride + c) = hsum(acc[r][c]);
-                }
-            }
+    /// The integer dot products of 32-byte blocks, 8 i32 lanes (bytes 4l..4l+4 in lane l), in one
+    /// instruction set. `prepare_*` run once per block per tile, `dot` once per (weight, activation)
+    /// pair, so whatever a variant can hoist goes into the `prepare_*` steps.
+    trait BlockDot {
+        type Weight: Copy;
+        unsafe fn prepare_weight(wq: __m256i) -> Self::Weight;
+        unsafe fn prepare_activation(xq: __m256i) -> __m256i;
+        unsafe fn dot(w: Self::Weight, x: __m256i) -> __m256i;
+    }
+
+    /// AVX2, candle's sequence: |w| (unsigned) × x with w's sign, pairs to i16, then to i32.
+    struct SignMaddubs;
+    impl BlockDot for SignMaddubs {
+        type Weight = (__m256i, __m256i);
+        #[inline(always)]
+        unsafe fn prepare_weight(wq: __m256i) -> Self::Weight {
+            (wq, _mm256_sign_epi8(wq, wq))
+        }
+        #[inline(always)]
+        unsafe fn prepare_activation(xq: __m256i) -> __m256i {
+            xq
+        }
+        #[inline(always)]
+        unsafe fn dot((wq, wa): Self::Weight, xq: __m256i) -> __m256i {
+            let sy = _mm256_sign_epi8(xq, wq);
+            _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(wa, sy))
         }
     }
 
-    /// The same tile with AVX-512 VNNI: `dpbusd` takes unsigned × signed bytes, so the activations
-    /// go in offset by +128 and the accumulator starts at −128 · Σw (per 4-byte group), leaving the
-    /// exact integer sum `Σ w·x` of the sign/maddubs/madd sequence, lane for lane: same bits.
+    /// AVX-512 VNNI: `dpbusd` takes unsigned × signed bytes, so the activations go in offset by
+    /// +128 and the accumulator starts at −128 · Σw (per 4-byte group), leaving the exact `Σ w·x` of
+    /// the sequence above, lane for lane.
+    struct Vnni;
+    impl BlockDot for Vnni {
+        type Weight = (__m256i, __m256i);
+        #[inline(always)]
+        unsafe fn prepare_weight(wq: __m256i) -> Self::Weight {
+            let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), wq);
+            (wq, _mm256_sub_epi32(_mm256_setzero_si256(), sum))
+        }
+        #[inline(always)]
+        unsafe fn prepare_activation(xq: __m256i) -> __m256i {
+            _mm256_xor_si256(xq, _mm256_set1_epi8(-128))
+        }
+        #[inline(always)]
+        unsafe fn dot((wq, correction): Self::Weight, xu: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(correction, xu, wq)
+        }
+    }
+
+    /// A `C × R` tile: C weight rows against R activation rows, one pass over the blocks; per block
+    /// and pair one FMA of the scaled integer dot into an 8-lane accumulator, as candle's `vec_dot`.
     #[inline(always)]
-    unsafe fn tile_vnni<const C: usize, const R: usize>(
+    unsafe fn tile<D: BlockDot, const C: usize, const R: usize>(
         w: &[*const BlockQ8],
         x: &[*const BlockQ8],
         blocks: usize,
@@ -241,25 +248,21 @@ mod avx2 {
         out_stride: usize,
     ) {
         unsafe {
-            let offset = _mm256_set1_epi8(-128);
             let mut acc = [[_mm256_setzero_ps(); C]; R];
             for b in 0..blocks {
-                let mut wq = [_mm256_setzero_si256(); C];
-                let mut corr = [_mm256_setzero_si256(); C];
+                let mut wp = [D::prepare_weight(_mm256_setzero_si256()); C];
                 let mut wd = [0f32; C];
                 for c in 0..C {
                     let blk = &*w[c].add(b);
-                    wq[c] = _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i);
-                    let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, wq[c]);
-                    corr[c] = _mm256_sub_epi32(_mm256_setzero_si256(), sum);
+                    wp[c] = D::prepare_weight(_mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i));
                     wd[c] = scale(blk.d);
                 }
                 for r in 0..R {
                     let blk = &*x[r].add(b);
-                    let xu = _mm256_xor_si256(_mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i), offset);
+                    let xq = D::prepare_activation(_mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i));
                     let xd = scale(blk.d);
                     for c in 0..C {
-                        let dot = _mm256_dpbusd_epi32(corr[c], xu, wq[c]);
+                        let dot = D::dot(wp[c], xq);
                         let d = _mm256_set1_ps(wd[c] * xd);
                         acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[r][c]);
                     }
@@ -285,7 +288,7 @@ mod avx2 {
         };
         (@r $f:ident, $cc:literal, $r:expr, $w:expr, $x:expr, $blocks:expr, $out:expr, $stride:expr; [$($rr:literal),*]) => {
             match $r {
-                $($rr => $f::<$cc, $rr>($w, $x, $blocks, $out, $stride),)*
+                $($rr => tile::<$f, $cc, $rr>($w, $x, $blocks, $out, $stride),)*
                 _ => unreachable!(),
             }
         };
@@ -311,9 +314,9 @@ mod avx2 {
                     let x = &x_rows[r0..r0 + r];
                     let o = out.add(r0 * out_stride + c0);
                     if VNNI {
-                        dispatch!(tile_vnni, c, r, w, x, blocks, o, out_stride; 1, 2, 3, 4; 1, 2, 3);
+                        dispatch!(Vnni, c, r, w, x, blocks, o, out_stride; 1, 2, 3, 4; 1, 2, 3);
                     } else {
-                        dispatch!(tile, c, r, w, x, blocks, o, out_stride; 1, 2, 3, 4; 1, 2, 3);
+                        dispatch!(SignMaddubs, c, r, w, x, blocks, o, out_stride; 1, 2, 3, 4; 1, 2, 3);
                     }
                     c0 += c;
                 }
