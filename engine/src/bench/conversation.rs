@@ -158,19 +158,7 @@ pub fn bench_conversation_latency(
         }
     }
     let cfg = OmniConfig::from_json_str(&json.to_string()).context("the bundled real config")?;
-    let acfg = cfg
-        .thinker_config
-        .audio_config
-        .clone()
-        .context("real config has an audio encoder")?;
-    let tcfg = cfg
-        .talker_config
-        .clone()
-        .context("real config has a talker")?;
-    let ccfg = cfg
-        .code2wav_config
-        .clone()
-        .context("real config has code2wav")?;
+    let (acfg, tcfg, ccfg) = super::machine::speech_stage_configs(&cfg)?;
     let store = random_store(&json, seed)?;
     let root = store.root();
     let t = Instant::now();
@@ -315,13 +303,6 @@ impl ConversationLatency {
             format!("{:.1} s", self.load_s),
             "",
         );
-        let mut s = t.render();
-        for l in super::machine::generated_lines(&self.weights) {
-            s.push_str(&format!("  {l}\n"));
-        }
-        for n in &self.notes {
-            s.push_str(&format!("  note: {n}\n"));
-        }
-        s
+        super::machine::with_footer(t.render(), &self.weights, &self.notes)
     }
 }

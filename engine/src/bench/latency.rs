@@ -123,19 +123,7 @@ pub fn bench_latency(opts: &LatencyBenchOptions) -> Result<LatencyBench> {
     }
     let json = real_config_json(Some(opts.layers))?;
     let cfg = OmniConfig::from_json_str(&json.to_string()).context("the bundled real config")?;
-    let acfg = cfg
-        .thinker_config
-        .audio_config
-        .clone()
-        .context("real config has an audio encoder")?;
-    let tcfg = cfg
-        .talker_config
-        .clone()
-        .context("real config has a talker")?;
-    let ccfg = cfg
-        .code2wav_config
-        .clone()
-        .context("real config has code2wav")?;
+    let (acfg, tcfg, ccfg) = super::machine::speech_stage_configs(&cfg)?;
     let store = random_store(&json, opts.seed)?;
     let root = store.root();
     let t = Instant::now();
@@ -379,7 +367,7 @@ pub fn bench_latency(opts: &LatencyBenchOptions) -> Result<LatencyBench> {
     let extrapolated = layers != REAL_THINKER_LAYERS;
     let mut notes = vec![
         "random Q8_0 weights at the real shapes (speed does not depend on the values)".to_string(),
-        "stages composed sequentially here (no streaming conversation API yet); Thinker decode and Talker share one thread pool".to_string(),
+        "stages composed sequentially here (`--conversation` runs the same turn through the streaming Conversation API); Thinker decode and Talker share one thread pool".to_string(),
         "audio encoder: audio::stream::StreamingAudioEncoder; only `finish` (after end of speech) is on the critical path".to_string(),
         format!("wall clock end of speech → first chunk, as run: {measured_wall_ms:.1} ms (stage sum {measured_total_ms:.1} ms)"),
     ];
@@ -450,13 +438,6 @@ impl LatencyBench {
             format!("{:.1} s", self.load_s),
             "",
         );
-        let mut s = t.render();
-        for l in super::machine::generated_lines(&self.weights) {
-            s.push_str(&format!("  {l}\n"));
-        }
-        for n in &self.notes {
-            s.push_str(&format!("  note: {n}\n"));
-        }
-        s
+        super::machine::with_footer(t.render(), &self.weights, &self.notes)
     }
 }

@@ -210,6 +210,28 @@ pub fn generated_lines(gen: &[GeneratedArena]) -> Vec<String> {
         .collect()
 }
 
+/// A bench's rendered table followed by its random-weights lines and notes (every bench's footer).
+pub fn with_footer(mut table: String, weights: &[GeneratedArena], notes: &[String]) -> String {
+    for l in generated_lines(weights) {
+        table.push_str(&format!("  {l}\n"));
+    }
+    for n in notes {
+        table.push_str(&format!("  note: {n}\n"));
+    }
+    table
+}
+
+/// The real config's audio tower, Talker and Code2Wav sections (the benches' speech stages).
+pub fn speech_stage_configs(
+    cfg: &crate::config::OmniConfig,
+) -> Result<(crate::config::AudioEncoderConfig, crate::config::TalkerConfig, crate::config::Code2WavConfig)> {
+    Ok((
+        cfg.thinker_config.audio_config.clone().context("real config has an audio encoder")?,
+        cfg.talker_config.clone().context("real config has a talker")?,
+        cfg.code2wav_config.clone().context("real config has code2wav")?,
+    ))
+}
+
 /// Memory read bandwidth in GB/s: every rayon worker sums its share of a `bytes`-byte buffer (made
 /// and touched first, so no page faults are timed); best of three passes. Decode of a large model
 /// streams its active weights once per token, so `active bytes / this` is the decode floor.

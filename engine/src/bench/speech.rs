@@ -282,13 +282,6 @@ impl SpeechBench {
                 "random weights drew codec eos",
             );
         }
-        let mut s = t.render();
-        for l in super::machine::generated_lines(&self.weights) {
-            s.push_str(&format!("  {l}\n"));
-        }
-        for n in &self.notes {
-            s.push_str(&format!("  note: {n}\n"));
-        }
-        s
+        super::machine::with_footer(t.render(), &self.weights, &self.notes)
     }
 }

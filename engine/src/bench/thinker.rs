@@ -316,13 +316,6 @@ impl ThinkerBench {
                 ),
             );
         }
-        let mut s = t.render();
-        for l in super::machine::generated_lines(&self.weights) {
-            s.push_str(&format!("  {l}\n"));
-        }
-        for n in &self.notes {
-            s.push_str(&format!("  note: {n}\n"));
-        }
-        s
+        super::machine::with_footer(t.render(), &self.weights, &self.notes)
     }
 }
