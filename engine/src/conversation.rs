@@ -367,6 +367,18 @@ impl Conversation {
         Ok(AnswerStream { conv: self, events: rx, worker: Some(worker), cancel })
     }
 
+    /// Prefills, before the user speaks, what the next user turn's prompt will start with: the system
+    /// prompt at the start, the previous answer's end and the opening of the next user turn after
+    /// each answer. At the end of the user's speech only their own tokens and the assistant's opening
+    /// are then left to prefill. Blocks while it runs (a few tokens after an answer; the system
+    /// prompt once); the next answer gives the same tokens as without it. Returns the tokens prefilled.
+    pub fn prime(&mut self) -> Result<usize> {
+        let model = self.model.clone();
+        let speech = self.speech.clone();
+        let history = self.history.as_mut().context("the conversation was lost by a failed answer; call reset")?;
+        history.prime(&model, speech.as_deref(), &CancelToken::new())
+    }
+
     /// Cuts the last assistant turn to its first `keep_tokens` tokens (what was heard before a
     /// barge-in); the next turn's prefill starts from the changed text.
     pub fn truncate_last_answer(&mut self, keep_tokens: usize) -> Result<()> {

@@ -2,6 +2,7 @@
 //!
 //! Stages meet only through typed values; see each module's docs for the reference code it follows.
 
+pub mod attention;
 pub mod audio;
 pub mod audio_encoder;
 pub mod bench;
@@ -14,6 +15,7 @@ pub mod gguf;
 pub mod hub;
 pub mod nn;
 pub mod pipeline;
+pub mod profile;
 pub mod quant;
 pub mod realtime;
 pub mod speech;

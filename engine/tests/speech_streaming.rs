@@ -230,7 +230,12 @@ fn first_audio_chunk_arrives_before_the_thinker_finishes() {
             "{name}: no audio chunk while the Thinker was held after {K} tokens"
         );
         assert!(!thinker_done_before_audio, "{name}: the Thinker finished before the first audio chunk");
-        assert_eq!(deltas_at_first_audio, Some(K), "{name}: the first chunk must come while the Thinker is held");
+        // The Thinker runs only a couple of tokens ahead of the Talker until the first chunk is out
+        // (`FirstAudioPace`), so the chunk comes before it even reaches the hold.
+        assert!(
+            deltas_at_first_audio.is_some_and(|d| d <= K),
+            "{name}: the first chunk must come before the Thinker passes its hold ({deltas_at_first_audio:?})"
+        );
         assert_eq!(summary.token_ids.len(), TOKENS);
         assert_eq!(summary.finish, FinishReason::Length);
     }
@@ -265,10 +270,12 @@ fn cancelled_answer_keeps_the_heard_text_and_the_next_turn_matches_a_fresh_run()
         })
         .unwrap();
     assert_eq!(first.finish, FinishReason::Cancelled);
-    assert_eq!(first.token_ids.len(), K, "the Thinker stops at its next token");
+    // Cancelled on the first chunk: the Thinker (paced a couple of tokens ahead of the Talker, held at
+    // K at the latest) stops at its next token.
+    assert!((1..=K).contains(&first.token_ids.len()), "the Thinker stops at its next token: {} tokens", first.token_ids.len());
     assert_eq!(first.speech_finish, Some(FinishReason::Cancelled));
     let heard = chunks.last().unwrap().text_tokens;
-    assert!((1..=K).contains(&heard), "heard {heard}");
+    assert!((1..=first.token_ids.len()).contains(&heard), "heard {heard}");
     let kept = model.tokenizer.decode(&first.token_ids[..heard], true).unwrap();
     let last = conv.messages().last().unwrap().clone();
     assert_eq!(last, ChatMessage::text("assistant", &kept), "history keeps the text already spoken");
@@ -326,6 +333,41 @@ fn two_turns_with_kv_reuse_equal_a_fresh_run_on_the_message_list() {
         assert_eq!(second.prompt_tokens, out.prompt_ids.len(), "{name}: prompt length");
         assert_eq!(out.token_ids, second.token_ids, "{name}: turn 2 Thinker ids differ from a fresh run");
         assert_eq!(spoken.codes, second.codes, "{name}: turn 2 codes differ from a fresh run");
+    }
+}
+
+/// `Conversation::prime` before each turn (as the live loop does while nobody speaks) prefills the
+/// system prompt and each next user turn's opening, and changes nothing of the answers.
+#[test]
+fn primed_turns_equal_unprimed_ones() {
+    for name in TINY_MODELS {
+        let (model, speech) = load(name);
+        let golden = json(name, "golden.json");
+        let (system, turn1) = prompt(&golden, "system");
+        let (_, turn2) = prompt(&golden, "speech");
+        let mut opts = ConversationOptions::greedy(8, 12);
+        opts.system = system;
+        opts.chunking = StreamingOptions::uniform(4, 25);
+        let mut plain = Conversation::new(model.clone(), Some(speech.clone()), opts.clone()).unwrap();
+        let mut primed = Conversation::new(model.clone(), Some(speech.clone()), opts).unwrap();
+        let mut primed_counts = Vec::new();
+        for turn in [turn1, turn2] {
+            let want = collect(plain.answer(turn.clone(), CancelToken::new()).unwrap()).summary;
+            let before = primed.cached_tokens();
+            let n = primed.prime().unwrap();
+            assert_eq!(primed.cached_tokens(), before + n, "{name}: prime reports what it prefilled");
+            assert_eq!(primed.prime().unwrap(), 0, "{name}: a second prime has nothing left to do");
+            primed_counts.push(n);
+            let got = collect(primed.answer(turn, CancelToken::new()).unwrap()).summary;
+            assert_eq!(got.token_ids, want.token_ids, "{name}: primed Thinker ids differ");
+            assert_eq!(got.codes, want.codes, "{name}: primed codes differ");
+            assert_eq!(got.prompt_tokens, want.prompt_tokens, "{name}: prompt length");
+            assert_eq!(got.reused_tokens, before + n, "{name}: the primed tokens come from the cache");
+        }
+        println!("{name}: primed {primed_counts:?} tokens before the two turns");
+        // The system prompt and `<|im_start|>user\n` before turn 1; the last answer's end and the
+        // next opening before turn 2.
+        assert!(primed_counts[0] > 3 && primed_counts[1] >= 3, "{name}: primed {primed_counts:?}");
     }
 }
 

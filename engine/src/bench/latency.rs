@@ -51,6 +51,9 @@ pub struct LatencyBenchOptions {
     pub first_chunk_frames: usize,
     pub left_context: usize,
     pub seed: u64,
+    /// Prefill the system prompt and the user turn's opening before the end of speech, as
+    /// `Conversation::prime` does in the product (false: everything after the end of speech).
+    pub prime: bool,
 }
 
 impl Default for LatencyBenchOptions {
@@ -65,6 +68,7 @@ impl Default for LatencyBenchOptions {
             first_chunk_frames: s.first_chunk_frames,
             left_context: s.left_context,
             seed: 1,
+            prime: true,
         }
     }
 }
@@ -162,6 +166,7 @@ pub fn bench_latency(opts: &LatencyBenchOptions) -> Result<LatencyBench> {
         let mut cache = m.thinker.new_cache();
         timed_decode_step(&m.thinker, 1000, &mut cache)?;
     }
+    let _ = crate::profile::take(); // OMNI_PROFILE: count the measured run only
     let mut stages: Vec<Stage> = Vec::new();
     let layers = opts.layers;
     let plain = |name: &str, ms: f64, note: String| Stage {
@@ -235,18 +240,35 @@ pub fn bench_latency(opts: &LatencyBenchOptions) -> Result<LatencyBench> {
             ),
         ),
     };
-    let t = Instant::now();
-    let embeds = scatter_audio(&m.thinker.embed(&prompt)?, &prompt, audio_pad, &audio)?;
-    let embed_ms = ms_since(t);
+    // What `Conversation::prime` prefills before the user speaks: up to `<|im_start|>user\n`.
+    let primed = if opts.prime { opts.system_tokens + 8 } else { 0 };
     let mut cache = m.thinker.new_cache();
-    let (hidden, captured, layer_ms) =
-        timed_prefill(&m.thinker, &embeds, 0, &mut cache, &[capture_layer])?;
+    let mut captured_parts = Vec::new();
+    if primed > 0 {
+        let head = m.thinker.embed(&prompt[..primed])?;
+        let (_, c, _) = timed_prefill(&m.thinker, &head, 0, &mut cache, &[capture_layer])?;
+        captured_parts.extend(c);
+    }
+    let t = Instant::now();
+    let rest = &prompt[primed..];
+    let embeds_rest = scatter_audio(&m.thinker.embed(rest)?, rest, audio_pad, &audio)?;
+    let embed_ms = ms_since(t);
+    let (hidden, c, layer_ms) =
+        timed_prefill(&m.thinker, &embeds_rest, primed as i64, &mut cache, &[capture_layer])?;
+    captured_parts.extend(c);
+    let captured = vec![Tensor::cat(&captured_parts, 1)?];
+    let embeds = scatter_audio(&m.thinker.embed(&prompt)?, &prompt, audio_pad, &audio)?;
     stages.push(split(
         "thinker prefill",
         SplitMs::new(layer_ms, embed_ms, layers),
         format!(
-            "{p} tokens ({} system, {audio_tokens} audio); {capture_note}",
-            opts.system_tokens
+            "{} tokens after the end of speech ({audio_tokens} audio; {}); {capture_note}",
+            p - primed,
+            if primed > 0 {
+                format!("the {primed} before them — {} system prompt, user opening — primed while nobody spoke", opts.system_tokens)
+            } else {
+                format!("{} system tokens included: --no-prime", opts.system_tokens)
+            }
         ),
     ));
 

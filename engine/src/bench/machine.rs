@@ -100,7 +100,11 @@ impl MachineFacts {
             process_wall_s: process_times().map(|t| t.1),
             omni_version: env!("CARGO_PKG_VERSION").to_string(),
             q8_0_matmul: if crate::quant::enabled() {
-                format!("omni tiles ({:?})", crate::quant::q8_0::kernel_variant())
+                format!(
+                    "omni tiles ({:?}{})",
+                    crate::quant::q8_0::kernel_variant(),
+                    if crate::quant::amx_available() { "; AMX from 4 rows" } else { "" }
+                )
             } else {
                 "candle QMatMul".into()
             },

@@ -189,6 +189,7 @@ pub fn bench_thinker(opts: &ThinkerBenchOptions) -> Result<ThinkerBench> {
         let mut cache = thinker.new_cache();
         timed_decode_step(&thinker, 1000, &mut cache)?;
     }
+    let _ = crate::profile::take(); // OMNI_PROFILE: count the measured run only
     // 1. Prefill: embedding, layers in chunks, lm_head of the last position, argmax.
     let ids = text_ids(opts.prompt_tokens, opts.seed);
     let mut cache = thinker.new_cache();

@@ -108,6 +108,10 @@ enum BenchWhat {
         /// of the stage-by-stage composition.
         #[arg(long)]
         conversation: bool,
+        /// Prefill the system prompt and the user turn's opening after the end of speech too, as if
+        /// nothing were primed while the user spoke (the product primes them: `Conversation::prime`).
+        #[arg(long)]
+        no_prime: bool,
         #[command(flatten)]
         common: BenchCommon,
     },
@@ -587,7 +591,7 @@ fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
             let r = bench_thinker(&o)?;
             print_bench(common.json, &r.table(), &r)?;
         }
-        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: true, common } => {
+        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: true, no_prime, common } => {
             omni_engine::bench::machine::set_threads(common.threads)?;
             let r = omni_engine::bench::conversation::bench_conversation_latency(
                 *speech_seconds,
@@ -595,10 +599,11 @@ fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
                 *layers,
                 common.chunk_frames.unwrap_or(8),
                 common.seed,
+                !*no_prime,
             )?;
             print_bench(common.json, &r.table(), &r)?;
         }
-        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: false, common } => {
+        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: false, no_prime, common } => {
             use omni_engine::bench::latency::{bench_latency, LatencyBenchOptions};
             omni_engine::bench::machine::set_threads(common.threads)?;
             let mut o = LatencyBenchOptions {
@@ -606,6 +611,7 @@ fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
                 system_tokens: *system_tokens,
                 layers: *layers,
                 seed: common.seed,
+                prime: !*no_prime,
                 ..Default::default()
             };
             o.chunk_frames = common.chunk_frames.unwrap_or(o.chunk_frames);
@@ -624,6 +630,9 @@ fn print_bench(json: bool, table: &str, result: &impl serde::Serialize) -> Resul
         println!("{}", serde_json::to_string_pretty(result)?);
     } else {
         print!("{table}");
+    }
+    if omni_engine::profile::enabled() {
+        eprint!("\nwhere the time went (OMNI_PROFILE; nested spans overlap):\n{}", omni_engine::profile::table(&omni_engine::profile::take()));
     }
     Ok(())
 }

@@ -15,7 +15,7 @@
 //!   `(len - 1)·s`, one input step shorter than `len·s`.
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::nn::Linear;
 use crate::weights::Weights;
@@ -43,13 +43,16 @@ pub fn trans_conv_len(len: usize, kernel: usize, stride: usize) -> Option<usize>
     full.checked_sub(trim).filter(|&n| n > 0)
 }
 
+/// Floats of one unfolded input block (16 MB): bounds the im2col buffer of long inputs.
+const UNFOLD_FLOATS: usize = 1 << 22;
+
 /// `Qwen3OmniMoeCausalConvNet`: `nn.Conv1d` behind left (causal) zero padding.
 #[derive(Debug, Clone)]
 pub struct CausalConv1d {
     /// `[out, in / groups, kernel]`, as stored.
     weight: Tensor,
-    /// The same weight split per tap, `[out, in]` each (dense stride-1 convs only).
-    taps: Vec<Tensor>,
+    /// The same weight as one matrix `[out, kernel·in]` (tap-major columns; dense stride-1 convs only).
+    unfolded: Option<Tensor>,
     /// `[1, out, 1]`.
     bias: Tensor,
     kernel: usize,
@@ -92,24 +95,19 @@ impl CausalConv1d {
             "{}: stride {stride} exceeds the kernel span {kernel_eff}",
             w.prefix()
         );
-        let taps = if groups == 1 && stride == 1 {
-            (0..kernel)
-                .map(|j| weight.narrow(2, j, 1)?.squeeze(2)?.contiguous())
-                .collect::<candle_core::Result<_>>()?
+        Self::from_tensors(weight, bias, dilation, stride, groups)
+    }
+
+    /// From `weight [out, in/groups, kernel]` and `bias [1, out, 1]`.
+    fn from_tensors(weight: Tensor, bias: Tensor, dilation: usize, stride: usize, groups: usize) -> Result<Self> {
+        let (out_channels, in_per_group, kernel) = weight.dims3()?;
+        let in_channels = in_per_group * groups;
+        let unfolded = if groups == 1 && stride == 1 {
+            Some(weight.permute((0, 2, 1))?.reshape((out_channels, kernel * in_channels))?.contiguous()?)
         } else {
-            Vec::new()
+            None
         };
-        Ok(Self {
-            weight,
-            taps,
-            bias,
-            kernel,
-            dilation,
-            stride,
-            groups,
-            in_channels,
-            out_channels,
-        })
+        Ok(Self { weight, unfolded, bias, kernel, dilation, stride, groups, in_channels, out_channels })
     }
 
     /// `(kernel - 1)·dilation + 1`, the span the reference calls `kernel_size`.
@@ -123,6 +121,7 @@ impl CausalConv1d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _span = crate::profile::span("code2wav causal conv");
         let (b, c, len) = x.dims3()?;
         ensure!(
             c == self.in_channels,
@@ -151,20 +150,25 @@ impl CausalConv1d {
                 });
             }
             acc.expect("kernel >= 1")
-        } else if !self.taps.is_empty() {
-            // Dense, stride 1: Σ_j W_j [out, in] · x[:, j·d .. j·d + out_len] (no im2col buffer).
+        } else if let Some(unfolded) = &self.unfolded {
+            // Dense, stride 1: one product W [out, k·in] · X [k·in, cols] per block of output columns,
+            // X stacking the k shifted views of the input (im2col, bounded to UNFOLD_FLOATS).
+            let rows = self.kernel * c;
+            let block = (UNFOLD_FLOATS / rows).max(64).min(out_len);
             let mut per_batch = Vec::with_capacity(b);
             for bi in 0..b {
                 let xb = xp.get(bi)?;
-                let mut acc: Option<Tensor> = None;
-                for (j, wj) in self.taps.iter().enumerate() {
-                    let term = wj.matmul(&xb.narrow(1, j * self.dilation, out_len)?)?;
-                    acc = Some(match acc {
-                        None => term,
-                        Some(a) => (a + term)?,
-                    });
+                let mut parts = Vec::with_capacity(out_len.div_ceil(block));
+                let mut at = 0;
+                while at < out_len {
+                    let n = block.min(out_len - at);
+                    let views: Vec<Tensor> = (0..self.kernel)
+                        .map(|j| xb.narrow(1, at + j * self.dilation, n))
+                        .collect::<candle_core::Result<_>>()?;
+                    parts.push(unfolded.matmul(&Tensor::cat(&views, 0)?)?);
+                    at += n;
                 }
-                per_batch.push(acc.expect("kernel >= 1"));
+                per_batch.push(if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 1)? });
             }
             Tensor::stack(&per_batch, 0)?
         } else {
@@ -182,6 +186,9 @@ impl CausalConv1d {
 pub struct CausalTransConv1d {
     /// `[in, out, kernel]`, as stored.
     weight: Tensor,
+    /// The same as one matrix `[out·kernel, in]` (rows `o·kernel + k`), for the CPU path.
+    columns: Tensor,
+    out_channels: usize,
     /// `[1, out, 1]`.
     bias: Tensor,
     kernel: usize,
@@ -209,12 +216,14 @@ impl CausalTransConv1d {
         let bias = w
             .get(&[out_channels], "bias")?
             .reshape((1, out_channels, 1))?;
-        Ok(Self {
-            weight,
-            bias,
-            kernel,
-            stride,
-        })
+        Self::from_tensors(weight, bias, stride)
+    }
+
+    /// From `weight [in, out, kernel]` and `bias [1, out, 1]`.
+    fn from_tensors(weight: Tensor, bias: Tensor, stride: usize) -> Result<Self> {
+        let (in_channels, out_channels, kernel) = weight.dims3()?;
+        let columns = weight.permute((1, 2, 0))?.reshape((out_channels * kernel, in_channels))?.contiguous()?;
+        Ok(Self { weight, columns, out_channels, bias, kernel, stride })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -226,13 +235,41 @@ impl CausalTransConv1d {
                 self.stride
             );
         };
+        let _span = crate::profile::span("code2wav transposed conv");
         // 1. [b, in, len] → [b, out, (len - 1)·s + k].
-        let y = x
-            .contiguous()?
-            .conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?;
+        let y = if x.device().is_cpu() && x.dtype() == DType::F32 {
+            self.overlap_add(x, len)?
+        } else {
+            x.contiguous()?.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?
+        };
         let y = y.broadcast_add(&self.bias)?;
         // 2. Trim `k - s` on both sides: [b, out, out_len].
         Ok(y.narrow(D::Minus1, self.kernel - self.stride, out_len)?)
+    }
+}
+
+impl CausalTransConv1d {
+    /// The transposed conv as one product and an overlap-add: `Z = W [out·k, in] · x [in, len]`, then
+    /// `y[o, t·s + k] += Z[o·k + k, t]` (candle's CPU `conv_transpose1d` loops on one thread).
+    fn overlap_add(&self, x: &Tensor, len: usize) -> Result<Tensor> {
+        let (b, _, _) = x.dims3()?;
+        let (out, k, s) = (self.out_channels, self.kernel, self.stride);
+        let full = (len - 1) * s + k;
+        let mut y = vec![0f32; b * out * full];
+        for bi in 0..b {
+            let z = self.columns.matmul(&x.get(bi)?.contiguous()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let yb = &mut y[bi * out * full..(bi + 1) * out * full];
+            for o in 0..out {
+                let yo = &mut yb[o * full..(o + 1) * full];
+                for kk in 0..k {
+                    let zrow = &z[(o * k + kk) * len..(o * k + kk + 1) * len];
+                    for (t, &v) in zrow.iter().enumerate() {
+                        yo[t * s + kk] += v;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(y, (b, out, full), x.device())?)
     }
 }
 
@@ -243,6 +280,9 @@ pub struct SnakeBeta {
     alpha: Tensor,
     /// `1 / (exp(beta) + 1e-9)`, `[1, c, 1]`.
     inv_beta: Tensor,
+    /// Both as floats per channel, for the CPU path.
+    alpha_f32: Vec<f32>,
+    inv_beta_f32: Vec<f32>,
 }
 
 impl SnakeBeta {
@@ -257,12 +297,29 @@ impl SnakeBeta {
             .exp()?
             .reshape((1, channels, 1))?;
         let inv_beta = (beta + 1e-9)?.recip()?;
-        Ok(Self { alpha, inv_beta })
+        let alpha_f32 = alpha.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let inv_beta_f32 = inv_beta.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok(Self { alpha, inv_beta, alpha_f32, inv_beta_f32 })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let s = x.broadcast_mul(&self.alpha)?.sin()?.sqr()?;
-        Ok((x + s.broadcast_mul(&self.inv_beta)?)?)
+        let _span = crate::profile::span("code2wav snake");
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+            let s = x.broadcast_mul(&self.alpha)?.sin()?.sqr()?;
+            return Ok((x + s.broadcast_mul(&self.inv_beta)?)?);
+        }
+        // The same per-element steps as the tensor path, one pass, channels over the worker pool.
+        use rayon::prelude::*;
+        let (_, c, t) = x.dims3()?;
+        let mut data = x.flatten_all()?.to_vec1::<f32>()?;
+        data.par_chunks_mut(t).enumerate().for_each(|(row, xs)| {
+            let (a, ib) = (self.alpha_f32[row % c], self.inv_beta_f32[row % c]);
+            for v in xs {
+                let s = (*v * a).sin();
+                *v += (s * s) * ib;
+            }
+        });
+        Ok(Tensor::from_vec(data, x.dims(), x.device())?)
     }
 }
 
@@ -489,31 +546,8 @@ mod tests {
     ) -> CausalConv1d {
         let dev = Device::Cpu;
         let wt = Tensor::from_vec(weight, (c_out, c_in / groups, k), &dev).unwrap();
-        let taps = if groups == 1 {
-            (0..k)
-                .map(|j| {
-                    wt.narrow(2, j, 1)
-                        .unwrap()
-                        .squeeze(2)
-                        .unwrap()
-                        .contiguous()
-                        .unwrap()
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        CausalConv1d {
-            weight: wt,
-            taps,
-            bias: Tensor::from_vec(pseudo(c_out, 9), (1, c_out, 1), &dev).unwrap(),
-            kernel: k,
-            dilation: dil,
-            stride: 1,
-            groups,
-            in_channels: c_in,
-            out_channels: c_out,
-        }
+        let bias = Tensor::from_vec(pseudo(c_out, 9), (1, c_out, 1), &dev).unwrap();
+        CausalConv1d::from_tensors(wt, bias, dil, 1, groups).unwrap()
     }
 
     #[test]
@@ -558,12 +592,12 @@ mod tests {
         let (c_in, c_out, k, s, len) = (3, 2, 6, 3, 5);
         let ws = pseudo(c_in * c_out * k, 3);
         let xs = pseudo(c_in * len, 4);
-        let conv = CausalTransConv1d {
-            weight: Tensor::from_vec(ws.clone(), (c_in, c_out, k), &dev).unwrap(),
-            bias: Tensor::zeros((1, c_out, 1), candle_core::DType::F32, &dev).unwrap(),
-            kernel: k,
-            stride: s,
-        };
+        let conv = CausalTransConv1d::from_tensors(
+            Tensor::from_vec(ws.clone(), (c_in, c_out, k), &dev).unwrap(),
+            Tensor::zeros((1, c_out, 1), candle_core::DType::F32, &dev).unwrap(),
+            s,
+        )
+        .unwrap();
         let got = conv
             .forward(&Tensor::from_vec(xs.clone(), (1, c_in, len), &dev).unwrap())
             .unwrap();

@@ -391,6 +391,7 @@ impl Code2Wav {
 
     /// Frames (already validated) → waveform samples.
     pub(crate) fn waveform(&self, frames: &[Vec<u32>], clamp: bool) -> Result<Vec<f32>> {
+        let _span = crate::profile::span("code2wav waveform");
         crate::quant::in_pool(|| self.waveform_in_pool(frames, clamp))
     }
 
@@ -398,13 +399,18 @@ impl Code2Wav {
         let device = self.code_embedding.device();
         let hidden = self.embed(frames, device)?;
         // 2. Pre-transformer: [1, t, h].
+        let span = crate::profile::span("code2wav pre-transformer");
         let hidden = self.pre_transformer.forward(&hidden)?;
+        drop(span);
         // 3. Upsampling: [1, h, t] → [1, h, t·Πratios].
+        let span = crate::profile::span("code2wav upsampling");
         let mut x = hidden.transpose(1, 2)?.contiguous()?;
         for (trans, convnext) in &self.upsample {
             x = convnext.forward(&trans.forward(&x)?)?;
         }
+        drop(span);
         // 4. Decoder: [1, decoder_dim, ·] → blocks → [1, 1, samples].
+        let _span = crate::profile::span("code2wav decoder convs");
         x = self.decoder_in.forward(&x)?;
         for block in &self.decoder_blocks {
             x = block.forward(&x)?;

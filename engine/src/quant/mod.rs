@@ -15,6 +15,8 @@
 //! everything else keeps candle's `QMatMul`. `OMNI_CANDLE_MATMUL=1` switches the kernels off (for
 //! side-by-side timing: `omni bench thinker` prints which path ran).
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod moe;
 pub mod q8_0;
 
@@ -26,6 +28,18 @@ use rayon::prelude::*;
 
 use q8_0::{BlockQ8, QuantizedRows, QK};
 
+/// Whether products of several activation rows run on Intel AMX tiles ([`amx`]).
+pub fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        enabled() && amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the engine's own kernels run (CPU support and not switched off by `OMNI_CANDLE_MATMUL`).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -36,7 +50,13 @@ pub fn enabled() -> bool {
 }
 
 /// Multiply-adds per work item at least: below this a rayon hand-off costs more than the work.
-const MIN_ITEM_MACS: usize = 1 << 16;
+/// `OMNI_MIN_ITEM_MACS` overrides it (for tuning on a new machine).
+fn min_item_macs() -> usize {
+    static V: OnceLock<usize> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("OMNI_MIN_ITEM_MACS").ok().and_then(|v| v.parse().ok()).filter(|&v| v > 0).unwrap_or(1 << 16)
+    })
+}
 
 /// Runs `f` on a worker of the rayon pool (at once if this thread is one). A product started from an
 /// outside thread is injected cold: the caller sleeps on a latch and a parked worker must be woken,
@@ -130,9 +150,9 @@ pub(crate) fn run_jobs(jobs: &[MatJob]) {
     let threads = rayon::current_num_threads().max(1);
     let total_work: usize = jobs.iter().map(|j| j.matrix.rows * j.x_rows.len()).sum();
     // Weight rows per item: about 4 items per thread over the whole sweep, in whole tiles, but no
-    // item under MIN_ITEM_MACS (one-row decode products are small).
+    // item under min_item_macs() (one-row decode products are small).
     let total_macs: usize = jobs.iter().map(|j| j.matrix.rows * j.matrix.cols * j.x_rows.len()).sum();
-    let target_items = (threads * 4).min(total_macs / MIN_ITEM_MACS).max(1);
+    let target_items = (threads * 4).min(total_macs / min_item_macs()).max(1);
     let mut items: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // (job, c0, c1, r0, r1)
     for (j, job) in jobs.iter().enumerate() {
         let m = job.x_rows.len();

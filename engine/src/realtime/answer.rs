@@ -137,6 +137,7 @@ pub fn spawn_model_thread(
                 load_ms: start.elapsed().as_secs_f64() * 1e3,
                 speaks: speech.is_some(),
             });
+            answerer.prime();
             for mut req in requests.iter() {
                 let turn = req.turn;
                 let mut sent_end = false;
@@ -194,6 +195,7 @@ pub fn spawn_model_thread(
                 if !sent_end {
                     let _ = playback.send(PlaybackCommand::End { turn });
                 }
+                answerer.prime();
             }
             drop(answerer);
             // The encoder thread ends when the capture thread drops its sender.
@@ -220,6 +222,16 @@ impl Answerer {
             Backend::Conversation => Self::Conversation(Box::new(Conversation::new(model, speech, opts)?)),
             Backend::Offline => Self::Offline(Box::new(Offline::new(model, speech, opts)?)),
         })
+    }
+
+    /// Prefills the next turn's known start while the user has not spoken (see
+    /// [`Conversation::prime`]). Not fatal: on a failure the next turn rebuilds the cache itself.
+    fn prime(&mut self) {
+        if let Self::Conversation(conv) = self {
+            if let Err(e) = conv.prime() {
+                tracing::warn!("prefilling the next turn's start: {e:#}");
+            }
+        }
     }
 
     /// `encoded`: the turn's audio already encoded by the streaming encoder (the conversation then

@@ -18,6 +18,7 @@ use crate::thinker::rope::{text_positions, MultimodalRope};
 use crate::weights::Weights;
 
 use super::model::{causal_mask, Attention, AttentionDims, LayerCache};
+use crate::attention::RopeRows;
 
 #[derive(Debug, Clone)]
 struct PredictorLayer {
@@ -125,7 +126,8 @@ impl CodePredictor {
         let (cos, sin) = self
             .rope
             .cos_sin(&text_positions(past as i64, t), &self.device)?;
-        let mask = if t > 1 {
+        let rope = RopeRows::new(cos, sin)?;
+        let mask = if t > 1 && !self.device.is_cpu() {
             Some(causal_mask(t, past, &self.device)?)
         } else {
             None
@@ -134,8 +136,7 @@ impl CodePredictor {
         for (l, layer) in self.layers.iter().enumerate() {
             let a = layer.self_attn.forward(
                 &layer.input_layernorm.forward(&x)?,
-                &cos,
-                &sin,
+                &rope,
                 mask.as_ref(),
                 cache,
                 l,
@@ -180,6 +181,7 @@ impl CodePredictor {
         code0_embed: &Tensor,
         sampler: &mut Sampler,
     ) -> Result<(Vec<u32>, Tensor)> {
+        let _span = crate::profile::span("code predictor frame");
         crate::quant::in_pool(|| self.generate_in_pool(past_hidden, code0_embed, sampler))
     }
 

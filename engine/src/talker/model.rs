@@ -9,154 +9,13 @@
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
+pub use crate::attention::{causal_mask, Attention, AttentionDims, KvCache as LayerCache};
+use crate::attention::RopeRows;
 use crate::config::TextConfig;
 use crate::nn::{Embedding, Linear, RmsNorm};
 use crate::thinker::moe::{DenseMlp, SparseMoe};
-use crate::thinker::rope::{apply_rotary, MultimodalRope};
+use crate::thinker::rope::MultimodalRope;
 use crate::weights::Weights;
-
-/// Keys and values of every layer for the positions seen so far.
-#[derive(Debug, Clone, Default)]
-pub struct LayerCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl LayerCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-            len: 0,
-        }
-    }
-
-    /// Number of cached positions.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub(crate) fn set_len(&mut self, len: usize) {
-        self.len = len;
-    }
-
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let kv = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        self.layers[layer] = Some(kv.clone());
-        Ok(kv)
-    }
-}
-
-/// Shapes of one attention block.
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionDims {
-    pub hidden: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub eps: f64,
-    pub bias: bool,
-}
-
-/// GQA self-attention with per-head q/k RMSNorm (`Qwen3OmniMoeThinkerTextAttention`,
-/// `Qwen3OmniMoeTalkerCodePredictorAttention`).
-#[derive(Debug, Clone)]
-pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    d: AttentionDims,
-}
-
-impl Attention {
-    pub fn new(d: AttentionDims, w: &Weights) -> Result<Self> {
-        let (h, hd) = (d.hidden, d.head_dim);
-        Ok(Self {
-            q_proj: Linear::load(&w.pp("q_proj"), h, d.heads * hd, d.bias)?,
-            k_proj: Linear::load(&w.pp("k_proj"), h, d.kv_heads * hd, d.bias)?,
-            v_proj: Linear::load(&w.pp("v_proj"), h, d.kv_heads * hd, d.bias)?,
-            o_proj: Linear::load(&w.pp("o_proj"), d.heads * hd, h, d.bias)?,
-            q_norm: RmsNorm::load(&w.pp("q_norm"), hd, d.eps)?,
-            k_norm: RmsNorm::load(&w.pp("k_norm"), hd, d.eps)?,
-            d,
-        })
-    }
-
-    /// `x [1, t, hidden]` at rotary tables `cos`, `sin` `[t, head_dim]` → `[1, t, hidden]`.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut LayerCache,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.d.heads, self.d.kv_heads, self.d.head_dim);
-        // 1. Projections and per-head norm: [b, t, heads, hd] → [b, heads, t, hd].
-        let q = self
-            .q_norm
-            .forward(&self.q_proj.forward(x)?.reshape((b, t, nh, hd))?)?;
-        let k = self
-            .k_norm
-            .forward(&self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?)?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?;
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let k = k.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        // 2. Rotary, then append to the cache: k, v [b, kv, s, hd].
-        let q = apply_rotary(&q, cos, sin)?;
-        let k = apply_rotary(&k, cos, sin)?;
-        let (k, v) = cache.append(layer, k, v)?;
-        let s = k.dim(2)?;
-        // 3. Grouped heads: [b, kv, groups·t, hd] against [b, kv, s, hd].
-        let groups = nh / nkv;
-        let q = q.reshape((b, nkv, groups * t, hd))?;
-        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        if let Some(mask) = mask {
-            let mask = mask
-                .unsqueeze(0)?
-                .expand((groups, t, s))?
-                .reshape((groups * t, s))?;
-            scores = scores.broadcast_add(&mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?;
-        // 4. Back to [b, t, heads·hd].
-        let out = out
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&out)
-    }
-}
-
-/// `[t, past + t]` additive causal mask.
-pub fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let s = past + t;
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= past + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(data, (t, s), device)?)
-}
 
 /// `Qwen3OmniMoeTalkerTextSparseMoeBlock`: routed experts + sigmoid-gated shared expert.
 #[derive(Debug, Clone)]
@@ -291,6 +150,7 @@ impl TalkerModel {
         positions: &[Vec<i64>; 3],
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
+        let _span = crate::profile::span(if embeds.dim(1)? > 1 { "talker forward, prefill" } else { "talker forward, 1 step" });
         crate::quant::in_pool(|| self.forward_in_pool(embeds, positions, cache))
     }
 
@@ -304,7 +164,8 @@ impl TalkerModel {
         let past = cache.len();
         // 1. Rotary tables and causal mask over [past + t].
         let (cos, sin) = self.rope.cos_sin(positions, &self.device)?;
-        let mask = if t > 1 {
+        let rope = RopeRows::new(cos, sin)?;
+        let mask = if t > 1 && !self.device.is_cpu() {
             Some(causal_mask(t, past, &self.device)?)
         } else {
             None
@@ -314,8 +175,7 @@ impl TalkerModel {
         for (l, layer) in self.layers.iter().enumerate() {
             let a = layer.self_attn.forward(
                 &layer.input_layernorm.forward(&x)?,
-                &cos,
-                &sin,
+                &rope,
                 mask.as_ref(),
                 cache,
                 l,
@@ -326,7 +186,7 @@ impl TalkerModel {
                 .forward(&layer.post_attention_layernorm.forward(&x)?)?;
             x = (x + f)?;
         }
-        cache.len = past + t;
+        cache.set_len(past + t);
         // 3. Final norm.
         self.norm.forward(&x)
     }

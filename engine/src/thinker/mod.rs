@@ -13,115 +13,13 @@ pub mod rope;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
+use crate::attention::{causal_mask, Attention, AttentionDims, RopeRows};
 use crate::config::TextConfig;
 use crate::nn::{Embedding, Linear, RmsNorm};
 use crate::weights::Weights;
 use moe::{DenseMlp, FeedForward, SparseMoe};
-use rope::{apply_rotary, MultimodalRope};
-
-/// Keys and values of every layer for the tokens seen so far.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], len: 0 }
-    }
-
-    /// Number of cached positions.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let kv = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        self.layers[layer] = Some(kv.clone());
-        Ok(kv)
-    }
-}
-
-/// GQA self-attention with per-head q/k RMSNorm.
-#[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn new(cfg: &TextConfig, w: &Weights) -> Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let bias = cfg.attention_bias;
-        Ok(Self {
-            q_proj: Linear::load(&w.pp("q_proj"), h, nh * hd, bias)?,
-            k_proj: Linear::load(&w.pp("k_proj"), h, nkv * hd, bias)?,
-            v_proj: Linear::load(&w.pp("v_proj"), h, nkv * hd, bias)?,
-            o_proj: Linear::load(&w.pp("o_proj"), nh * hd, h, bias)?,
-            q_norm: RmsNorm::load(&w.pp("q_norm"), hd, cfg.rms_norm_eps)?,
-            k_norm: RmsNorm::load(&w.pp("k_norm"), hd, cfg.rms_norm_eps)?,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-        })
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let hd = self.head_dim;
-        // 1. Projections, per-head norm: [b, t, heads, hd] → [b, heads, t, hd].
-        let q = self.q_norm.forward(&self.q_proj.forward(x)?.reshape((b, t, self.num_heads, hd))?)?;
-        let k = self.k_norm.forward(&self.k_proj.forward(x)?.reshape((b, t, self.num_kv_heads, hd))?)?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, self.num_kv_heads, hd))?;
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let k = k.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        // 2. Rotary on the new positions, then append to the cache: k, v [b, kv_heads, s, hd].
-        let q = apply_rotary(&q, cos, sin)?;
-        let k = apply_rotary(&k, cos, sin)?;
-        let (k, v) = cache.append(layer, k, v)?;
-        let s = k.dim(2)?;
-        // 3. Grouped heads: [b, kv, groups·t, hd] against [b, kv, s, hd].
-        let groups = self.num_heads / self.num_kv_heads;
-        let q = q.reshape((b, self.num_kv_heads, groups * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            // mask [t, s] repeated for each group: [groups·t, s].
-            let mask = mask.unsqueeze(0)?.expand((groups, t, s))?.reshape((groups * t, s))?;
-            scores = scores.broadcast_add(&mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?; // [b, kv, groups·t, hd]
-        // 4. Back to [b, t, heads·hd] in head order (head = kv·groups + g).
-        let out = out.reshape((b, self.num_heads, t, hd))?.transpose(1, 2)?.reshape((b, t, self.num_heads * hd))?;
-        self.o_proj.forward(&out)
-    }
-}
+pub use crate::attention::KvCache;
+use rope::MultimodalRope;
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
@@ -148,7 +46,17 @@ impl DecoderLayer {
         };
         Ok(Self {
             input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
-            self_attn: Attention::new(cfg, &w.pp("self_attn"))?,
+            self_attn: Attention::new(
+                AttentionDims {
+                    hidden: h,
+                    heads: cfg.num_attention_heads,
+                    kv_heads: cfg.num_key_value_heads,
+                    head_dim: cfg.head_dim(),
+                    eps: cfg.rms_norm_eps,
+                    bias: cfg.attention_bias,
+                },
+                &w.pp("self_attn"),
+            )?,
             post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
             mlp,
         })
@@ -157,13 +65,12 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeRows,
         mask: Option<&Tensor>,
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache, layer)?;
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, mask, cache, layer)?;
         let x = (x + attn)?;
         let ff = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + ff)?)
@@ -271,6 +178,7 @@ impl ThinkerText {
         capture: &[usize],
         deepstack: Option<&Deepstack>,
     ) -> Result<ThinkerStep> {
+        let _span = crate::profile::span(if embeds.dim(1)? > 1 { "thinker forward, prefill" } else { "thinker forward, 1 token" });
         crate::quant::in_pool(|| self.forward_in_pool(embeds, positions, cache, capture, deepstack))
     }
 
@@ -286,7 +194,9 @@ impl ThinkerText {
         let past = cache.len();
         // 1. Rotary tables for the new positions and the causal mask over [past + t].
         let (cos, sin) = self.rope.cos_sin(positions, &self.device)?;
-        let mask = if t > 1 { Some(causal_mask(t, past, &self.device)?) } else { None };
+        let rope = RopeRows::new(cos, sin)?;
+        // The CPU core applies causality itself.
+        let mask = if t > 1 && !self.device.is_cpu() { Some(causal_mask(t, past, &self.device)?) } else { None };
         let injection = match deepstack {
             Some(d) => d.rows_for_chunk(past, t, &self.device)?,
             None => None,
@@ -295,7 +205,7 @@ impl ThinkerText {
         let mut x = embeds.clone();
         let mut captured = vec![None; capture.len()];
         for (l, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), cache, l)?;
+            x = layer.forward(&x, &rope, mask.as_ref(), cache, l)?;
             for (slot, &want) in captured.iter_mut().zip(capture) {
                 if want == l {
                     *slot = Some(x.clone());
@@ -307,7 +217,7 @@ impl ThinkerText {
                 }
             }
         }
-        cache.len = past + t;
+        cache.set_len(past + t);
         let captured = captured
             .into_iter()
             .zip(capture)
@@ -374,15 +284,6 @@ impl Deepstack {
         let add = table.index_select(rows, 0)?.unsqueeze(0)?;
         Ok(x.broadcast_add(&add.to_dtype(x.dtype())?)?)
     }
-}
-
-/// `[t, past + t]` additive mask: query i sees keys `0 ..= past + i`.
-fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let s = past + t;
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(Tensor::from_vec(data, (t, s), device)?)
 }
 
 /// Convenience: the last dimension's argmax of a vector.

@@ -178,6 +178,7 @@ impl SparseMoe {
 
     /// Routing for every row of `x [n, H]`.
     pub fn routes(&self, x: &Tensor) -> Result<Vec<Route>> {
+        let _span = crate::profile::span("moe router");
         let logits = self.gate.forward(x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         Ok(logits.iter().map(|row| route_token(row, self.top_k, self.norm_topk_prob)).collect())
     }
@@ -191,6 +192,7 @@ impl SparseMoe {
             let xs = rows.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             return Ok(Tensor::from_vec(q8.forward(&xs, &routes), (b, t, h), x.device())?);
         }
+        let _span = crate::profile::span("moe experts, candle path");
         // Tokens (and their weights) per expert, experts in ascending order as the reference sums them.
         let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.num_experts];
         for (token, route) in routes.iter().enumerate() {

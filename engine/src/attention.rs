@@ -1,0 +1,326 @@
+//! GQA self-attention with per-head q/k RMSNorm, rotary positions and a KV cache: the Thinker's,
+//! the Talker's and the code predictor's (one block, three configs).
+//!
+//! Reference: `Qwen3OmniMoeThinkerTextAttention` (transformers' `modeling_qwen3_omni_moe.py`; the
+//! Talker's decoder uses it as is, `Qwen3OmniMoeTalkerCodePredictorAttention` is the same maths):
+//! `q_norm(q_proj(x))`, `k_norm(k_proj(x))`, M-RoPE, `softmax(q kᵀ / √d + causal mask) v`, `o_proj`.
+//!
+//! On the CPU the core (rotary, cache append, scores, softmax, weighted sum) runs on plain floats
+//! over a token-major cache that grows in place: candle's version copied the whole cache at every
+//! step (`cat`), expanded the mask per call and ran its element-wise ops on one thread, which cost
+//! more than the decode step's matrix products. Other devices keep the tensor path.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::nn::{Linear, RmsNorm};
+use crate::thinker::rope::apply_rotary;
+use crate::weights::Weights;
+
+/// Keys and values of every layer for the tokens seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+enum LayerKv {
+    #[default]
+    Empty,
+    /// Token-major `[s, kv_heads, head_dim]` each.
+    Host { k: Vec<f32>, v: Vec<f32> },
+    /// `[b, kv_heads, s, head_dim]` each.
+    Device(Tensor, Tensor),
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![LayerKv::Empty; num_layers], len: 0 }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Records that every layer now holds `len` positions (after a forward pass appended to all).
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.len = len;
+    }
+
+    fn append_device(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let kv = match std::mem::take(&mut self.layers[layer]) {
+            LayerKv::Empty => (k, v),
+            LayerKv::Device(pk, pv) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            LayerKv::Host { .. } => anyhow::bail!("KV cache layer {layer} is on the host, the model on a device"),
+        };
+        self.layers[layer] = LayerKv::Device(kv.0.clone(), kv.1.clone());
+        Ok(kv)
+    }
+
+    /// Appends token-major rows and returns the layer's whole host cache.
+    fn append_host(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(&[f32], &[f32])> {
+        if matches!(self.layers[layer], LayerKv::Empty) {
+            self.layers[layer] = LayerKv::Host { k: Vec::new(), v: Vec::new() };
+        }
+        match &mut self.layers[layer] {
+            LayerKv::Host { k: ck, v: cv } => {
+                ck.extend_from_slice(k);
+                cv.extend_from_slice(v);
+                Ok((ck, cv))
+            }
+            _ => anyhow::bail!("KV cache layer {layer} is on a device, the model on the host"),
+        }
+    }
+}
+
+/// Rotary tables of one forward pass: tensors for the device path, plain rows for the CPU one.
+pub struct RopeRows {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// `[t, head_dim]` each, filled only on the CPU.
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
+}
+
+impl RopeRows {
+    pub fn new(cos: Tensor, sin: Tensor) -> Result<Self> {
+        let host = cos.device().is_cpu();
+        let rows = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(if host { t.flatten_all()?.to_vec1::<f32>()? } else { Vec::new() })
+        };
+        Ok(Self { cos_host: rows(&cos)?, sin_host: rows(&sin)?, cos, sin })
+    }
+}
+
+/// Shapes of one attention block.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionDims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f64,
+    pub bias: bool,
+}
+
+/// GQA self-attention with per-head q/k RMSNorm.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Multiply-adds of the core at least before it is spread over the worker pool.
+const PARALLEL_CORE_MACS: usize = 1 << 16;
+
+impl Attention {
+    pub fn new(d: AttentionDims, w: &Weights) -> Result<Self> {
+        let (h, hd, nh, nkv, bias) = (d.hidden, d.head_dim, d.heads, d.kv_heads, d.bias);
+        Ok(Self {
+            q_proj: Linear::load(&w.pp("q_proj"), h, nh * hd, bias)?,
+            k_proj: Linear::load(&w.pp("k_proj"), h, nkv * hd, bias)?,
+            v_proj: Linear::load(&w.pp("v_proj"), h, nkv * hd, bias)?,
+            o_proj: Linear::load(&w.pp("o_proj"), nh * hd, h, bias)?,
+            q_norm: RmsNorm::load(&w.pp("q_norm"), hd, d.eps)?,
+            k_norm: RmsNorm::load(&w.pp("k_norm"), hd, d.eps)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// `x [1, t, hidden]` at the positions of `rope`, after the cached ones; causal over all of them.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeRows,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let hd = self.head_dim;
+        // 1. Projections, per-head norm: [b, t, heads, hd].
+        let q = self.q_norm.forward(&self.q_proj.forward(x)?.reshape((b, t, self.num_heads, hd))?)?;
+        let k = self.k_norm.forward(&self.k_proj.forward(x)?.reshape((b, t, self.num_kv_heads, hd))?)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, self.num_kv_heads, hd))?;
+        let out = if x.device().is_cpu() && b == 1 {
+            self.core_host(&q, &k, &v, rope, cache, layer, x.device())?
+        } else {
+            self.core_device(q, k, v, rope, mask, cache, layer)?
+        };
+        self.o_proj.forward(&out)
+    }
+
+    /// Steps 2-4 on plain floats: `[1, t, heads·hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn core_host(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: &RopeRows,
+        cache: &mut KvCache,
+        layer: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let _span = crate::profile::span("attention core");
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let t = q.dim(1)?;
+        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+        let v = v.flatten_all()?.to_vec1::<f32>()?;
+        // 2. Rotary on the new rows (NeoX pairs: x[i] with x[i + hd/2]), then into the cache.
+        rotate(&mut q, nh, hd, &rope.cos_host, &rope.sin_host);
+        rotate(&mut k, nkv, hd, &rope.cos_host, &rope.sin_host);
+        let (keys, values) = cache.append_host(layer, &k, &v)?;
+        let s = keys.len() / (nkv * hd);
+        let past = s - t;
+        // 3. Per (query row, head): softmax(q·k / √d) over keys 0..=past+i, times the values.
+        let scale = 1.0 / (hd as f32).sqrt();
+        let groups = nh / nkv;
+        let mut out = vec![0f32; t * nh * hd];
+        let one = |(idx, o): (usize, &mut [f32])| {
+            let (i, head) = (idx / nh, idx % nh);
+            let g = head / groups;
+            let qrow = &q[(i * nh + head) * hd..][..hd];
+            let visible = past + i + 1;
+            let mut scores: Vec<f32> = (0..visible)
+                .map(|j| dot(qrow, &keys[(j * nkv + g) * hd..][..hd]) * scale)
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            for (j, &p) in scores.iter().enumerate() {
+                let p = p / sum;
+                for (acc, &val) in o.iter_mut().zip(&values[(j * nkv + g) * hd..][..hd]) {
+                    *acc += p * val;
+                }
+            }
+        };
+        if t * nh * s * hd >= PARALLEL_CORE_MACS {
+            out.par_chunks_mut(hd).enumerate().for_each(one);
+        } else {
+            out.chunks_mut(hd).enumerate().for_each(one);
+        }
+        // 4. [1, t, heads·hd], head order.
+        Ok(Tensor::from_vec(out, (1, t, nh * hd), device)?)
+    }
+
+    /// Steps 2-4 with tensor ops (devices other than the CPU).
+    #[allow(clippy::too_many_arguments)]
+    fn core_device(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rope: &RopeRows,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _, hd) = q.dims4()?;
+        // [b, t, heads, hd] → [b, heads, t, hd].
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        // 2. Rotary on the new positions, then append to the cache: k, v [b, kv_heads, s, hd].
+        let q = apply_rotary(&q, &rope.cos, &rope.sin)?;
+        let k = apply_rotary(&k, &rope.cos, &rope.sin)?;
+        let (k, v) = cache.append_device(layer, k, v)?;
+        let s = k.dim(2)?;
+        // 3. Grouped heads: [b, kv, groups·t, hd] against [b, kv, s, hd].
+        let groups = self.num_heads / self.num_kv_heads;
+        let q = q.reshape((b, self.num_kv_heads, groups * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            // mask [t, s] repeated for each group: [groups·t, s].
+            let mask = mask.unsqueeze(0)?.expand((groups, t, s))?.reshape((groups * t, s))?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // [b, kv, groups·t, hd]
+        // 4. Back to [b, t, heads·hd] in head order (head = kv·groups + g).
+        Ok(out.reshape((b, self.num_heads, t, hd))?.transpose(1, 2)?.reshape((b, t, self.num_heads * hd))?)
+    }
+}
+
+/// `Σ a·b` in f32 with eight partial sums.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums: vectorizes, and stays close to a pairwise sum.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `[t, past + t]` additive causal mask (the tensor path): query i sees keys `0 ..= past + i`.
+pub fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let s = past + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(data, (t, s), device)?)
+}
+
+/// `x [t, heads, hd]` rotated in place by `cos`/`sin` `[t, hd]`: `x·cos + rotate_half(x)·sin`.
+fn rotate(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    for (row, head) in x.chunks_exact_mut(hd).enumerate() {
+        let at = (row / heads) * hd;
+        let (c, s) = (&cos[at..at + hd], &sin[at..at + hd]);
+        for i in 0..half {
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * c[i] + (-b) * s[i];
+            head[i + half] = b * c[i + half] + a * s[i + half];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_rotation_equals_the_tensor_rotation() {
+        let (t, heads, hd) = (3, 2, 8);
+        let x: Vec<f32> = (0..t * heads * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+        let cos: Vec<f32> = (0..t * hd).map(|i| (i as f32 * 0.11).cos()).collect();
+        let sin: Vec<f32> = (0..t * hd).map(|i| (i as f32 * 0.11).sin()).collect();
+        let mut host = x.clone();
+        rotate(&mut host, heads, hd, &cos, &sin);
+        let dev = Device::Cpu;
+        // Tensor path: [1, heads, t, hd].
+        let xt = Tensor::from_vec(x, (1, t, heads, hd), &dev).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let c = Tensor::from_vec(cos, (t, hd), &dev).unwrap();
+        let s = Tensor::from_vec(sin, (t, hd), &dev).unwrap();
+        let want = apply_rotary(&xt, &c, &s).unwrap().transpose(1, 2).unwrap().flatten_all().unwrap();
+        let want = want.to_vec1::<f32>().unwrap();
+        let err = host.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-6, "rotation differs by {err}");
+    }
+}

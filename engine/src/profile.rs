@@ -1,0 +1,120 @@
+//! Where the time goes: named spans summed per name, recorded only when `OMNI_PROFILE=1`.
+//!
+//! The benches print the table after their run (`omni bench latency` etc. with `OMNI_PROFILE=1`),
+//! so a run on a lent machine says which operation to work on next without a profiler there. Spans
+//! are taken on the calling thread around whole operations (a matmul, an MoE sweep), never inside the
+//! worker pool; nested spans each count their own time, so the table's rows overlap by design (a
+//! stage total and the operations inside it). With the variable unset a span is one relaxed load.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+/// Per name: calls and total nanoseconds, in first-seen order.
+static TOTALS: Mutex<Vec<(&'static str, u64, u128)>> = Mutex::new(Vec::new());
+static FORCED: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are recorded (`OMNI_PROFILE` set to anything but `0`, or [`force`]).
+pub fn enabled() -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    FORCED.load(Ordering::Relaxed)
+        || *ENV.get_or_init(|| std::env::var("OMNI_PROFILE").map(|v| !v.is_empty() && v != "0").unwrap_or(false))
+}
+
+/// Turns recording on regardless of the environment (tests of this module).
+pub fn force(on: bool) {
+    FORCED.store(on, Ordering::Relaxed);
+}
+
+/// A running span: adds its elapsed time to `name` when dropped.
+#[must_use = "a span measures until it is dropped"]
+pub struct Span {
+    name: &'static str,
+    start: Option<Instant>,
+}
+
+pub fn span(name: &'static str) -> Span {
+    Span { name, start: enabled().then(Instant::now) }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if let Some(start) = self.start {
+            record(self.name, start.elapsed().as_nanos());
+        }
+    }
+}
+
+fn record(name: &'static str, nanos: u128) {
+    let Ok(mut totals) = TOTALS.lock() else { return };
+    match totals.iter_mut().find(|(n, _, _)| *n == name) {
+        Some(entry) => {
+            entry.1 += 1;
+            entry.2 += nanos;
+        }
+        None => totals.push((name, 1, nanos)),
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SpanTotal {
+    pub name: String,
+    pub calls: u64,
+    pub total_ms: f64,
+}
+
+/// The totals so far, and a fresh start.
+pub fn take() -> Vec<SpanTotal> {
+    let Ok(mut totals) = TOTALS.lock() else { return Vec::new() };
+    std::mem::take(&mut *totals)
+        .into_iter()
+        .map(|(name, calls, nanos)| SpanTotal { name: name.to_string(), calls, total_ms: nanos as f64 / 1e6 })
+        .collect()
+}
+
+/// The totals as an aligned table, largest first (empty when nothing was recorded).
+pub fn table(rows: &[SpanTotal]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut rows = rows.to_vec();
+    rows.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(4);
+    let mut out = format!("{:<width$}  {:>8}  {:>10}  {:>9}\n", "span", "calls", "total ms", "ms/call");
+    for r in rows {
+        out += &format!(
+            "{:<width$}  {:>8}  {:>10.1}  {:>9.3}\n",
+            r.name,
+            r.calls,
+            r.total_ms,
+            r.total_ms / r.calls.max(1) as f64
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_sum_per_name() {
+        force(true);
+        let _ = take();
+        for _ in 0..3 {
+            let _s = span("profile test a");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        drop(span("profile test b"));
+        let rows = take();
+        force(false);
+        let a = rows.iter().find(|r| r.name == "profile test a").expect("span a recorded");
+        assert_eq!(a.calls, 3);
+        assert!(a.total_ms >= 6.0, "three 2 ms sleeps took {} ms", a.total_ms);
+        assert_eq!(rows.iter().find(|r| r.name == "profile test b").map(|r| r.calls), Some(1));
+        assert!(table(&rows).lines().nth(1).is_some_and(|l| l.starts_with("profile test a")));
+        // Other tests may record spans meanwhile (recording is process-wide); ours were taken.
+        assert!(!take().iter().any(|r| r.name.starts_with("profile test")));
+    }
+}
