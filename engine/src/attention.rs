@@ -14,6 +14,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use crate::config::TextConfig;
 use crate::nn::{Linear, RmsNorm};
 use crate::thinker::rope::apply_rotary;
 use crate::weights::Weights;
@@ -108,6 +109,20 @@ pub struct AttentionDims {
     pub head_dim: usize,
     pub eps: f64,
     pub bias: bool,
+}
+
+impl AttentionDims {
+    /// The attention of a decoder that `cfg` (a Thinker or Talker `text_config`) describes.
+    pub fn of_text_config(cfg: &TextConfig) -> Self {
+        Self {
+            hidden: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim(),
+            eps: cfg.rms_norm_eps,
+            bias: cfg.attention_bias,
+        }
+    }
 }
 
 /// GQA self-attention with per-head q/k RMSNorm.

@@ -219,18 +219,9 @@ unsafe fn tiles_product(
 
 #[cfg(test)]
 mod tests {
+    use super::super::q8_0::tests::rand_rows;
     use super::super::q8_0::{dot_scalar, QuantizedRows};
     use super::*;
-
-    fn rand_rows(rows: usize, k: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..rows * k)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
 
     /// Against the scalar Q8_0 dot product (same integer sums, other rounding): on CPUs with AMX.
     #[test]

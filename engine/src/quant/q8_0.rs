@@ -386,10 +386,11 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rand_rows(rows: usize, k: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in (-2, 2) for kernel tests.
+    pub(crate) fn rand_rows(rows: usize, k: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..rows * k)
             .map(|_| {

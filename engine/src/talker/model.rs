@@ -84,14 +84,7 @@ impl TalkerModel {
     /// Loads `talker.model.*` (`w` = the `talker.model` prefix).
     pub fn new(cfg: &TextConfig, w: &Weights) -> Result<Self> {
         let h = cfg.hidden_size;
-        let dims = AttentionDims {
-            hidden: h,
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim(),
-            eps: cfg.rms_norm_eps,
-            bias: cfg.attention_bias,
-        };
+        let dims = AttentionDims::of_text_config(cfg);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let lw = w.pp("layers").pp(l);

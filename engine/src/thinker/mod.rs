@@ -46,17 +46,7 @@ impl DecoderLayer {
         };
         Ok(Self {
             input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
-            self_attn: Attention::new(
-                AttentionDims {
-                    hidden: h,
-                    heads: cfg.num_attention_heads,
-                    kv_heads: cfg.num_key_value_heads,
-                    head_dim: cfg.head_dim(),
-                    eps: cfg.rms_norm_eps,
-                    bias: cfg.attention_bias,
-                },
-                &w.pp("self_attn"),
-            )?,
+            self_attn: Attention::new(AttentionDims::of_text_config(cfg), &w.pp("self_attn"))?,
             post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
             mlp,
         })
