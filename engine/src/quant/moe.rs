@@ -47,7 +47,9 @@ impl Q8Experts {
 
         // 2. gate and up for every (expert, token): [total, I] each, one sweep.
         let span = crate::profile::span("moe experts gate+up");
+        let quantize = crate::profile::span("moe experts quantize input");
         let xq = QuantizedRows::quantize_par(x, t, h);
+        drop(quantize);
         let x_rows: Vec<Vec<*const BlockQ8>> =
             active.iter().map(|&e| tokens[e].iter().map(|&tok| xq.row(tok).as_ptr()).collect()).collect();
         let mut gate = vec![0f32; total * inter];

@@ -60,8 +60,11 @@ impl DecoderLayer {
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<Tensor> {
+        let span = crate::profile::span("thinker attention block");
         let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, mask, cache, layer)?;
         let x = (x + attn)?;
+        drop(span);
+        let _span = crate::profile::span("thinker feed-forward block");
         let ff = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + ff)?)
     }
