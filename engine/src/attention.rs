@@ -211,24 +211,9 @@ impl Attention {
         let mut out = vec![0f32; t * nh * hd];
         let one = |(idx, o): (usize, &mut [f32])| {
             let (i, head) = (idx / nh, idx % nh);
-            let g = head / groups;
             let qrow = &q[(i * nh + head) * hd..][..hd];
-            let visible = past + i + 1;
-            let mut scores: Vec<f32> = (0..visible)
-                .map(|j| dot(qrow, &keys[(j * nkv + g) * hd..][..hd]) * scale)
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            for (j, &p) in scores.iter().enumerate() {
-                let p = p / sum;
-                for (acc, &val) in o.iter_mut().zip(&values[(j * nkv + g) * hd..][..hd]) {
-                    *acc += p * val;
-                }
-            }
+            let kv = KvRows { keys, values, stride: nkv * hd, offset: (head / groups) * hd, hd };
+            attend(qrow, &kv, 0..past + i + 1, scale, o);
         };
         if t * nh * s * hd >= PARALLEL_CORE_MACS {
             out.par_chunks_mut(hd).enumerate().for_each(one);
@@ -276,6 +261,58 @@ impl Attention {
         // 4. Back to [b, t, heads·hd] in head order (head = kv·groups + g).
         Ok(out.reshape((b, self.num_heads, t, hd))?.transpose(1, 2)?.reshape((b, t, self.num_heads * hd))?)
     }
+}
+
+/// Keys and values of one KV head inside token-major rows: row `j` at `j·stride + offset`.
+struct KvRows<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    stride: usize,
+    offset: usize,
+    hd: usize,
+}
+
+/// `out += softmax(q·k_j · scale over j in rows) · v_j` (`out` starts at zero).
+fn attend(q: &[f32], kv: &KvRows<'_>, rows: std::ops::Range<usize>, scale: f32, out: &mut [f32]) {
+    let at = |j: usize| j * kv.stride + kv.offset;
+    let mut scores: Vec<f32> = rows.clone().map(|j| dot(q, &kv.keys[at(j)..][..kv.hd]) * scale).collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    for (j, &p) in rows.zip(&scores) {
+        let p = p / sum;
+        for (acc, &val) in out.iter_mut().zip(&kv.values[at(j)..][..kv.hd]) {
+            *acc += p * val;
+        }
+    }
+}
+
+/// Bidirectional attention inside consecutive windows (the AuT encoder's): `q`, `k`, `v` are
+/// token-major `[n, heads, hd]`, `windows` sum to `n`; returns `[n, heads·hd]`.
+pub(crate) fn windowed_attention(q: &[f32], k: &[f32], v: &[f32], heads: usize, hd: usize, windows: &[usize]) -> Vec<f32> {
+    let n: usize = windows.iter().sum();
+    let mut window_of = Vec::with_capacity(n);
+    let mut start = 0;
+    for &len in windows {
+        window_of.extend(std::iter::repeat_n(start..start + len, len));
+        start += len;
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; n * heads * hd];
+    let one = |(idx, o): (usize, &mut [f32])| {
+        let (i, head) = (idx / heads, idx % heads);
+        let kv = KvRows { keys: k, values: v, stride: heads * hd, offset: head * hd, hd };
+        attend(&q[(i * heads + head) * hd..][..hd], &kv, window_of[i].clone(), scale, o);
+    };
+    if n * n * heads * hd >= PARALLEL_CORE_MACS {
+        out.par_chunks_mut(hd).enumerate().for_each(one);
+    } else {
+        out.chunks_mut(hd).enumerate().for_each(one);
+    }
+    out
 }
 
 /// `Σ a·b` in f32 with eight partial sums.

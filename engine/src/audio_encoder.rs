@@ -171,21 +171,28 @@ impl EncoderLayer {
         let hd = d / self.num_heads;
         // 1. Pre-norm attention, each window on its own.
         let h = self.self_attn_layer_norm.forward(x)?;
-        let q = self.q_proj.forward(&h)?.reshape((n, self.num_heads, hd))?.transpose(0, 1)?.contiguous()?;
-        let k = self.k_proj.forward(&h)?.reshape((n, self.num_heads, hd))?.transpose(0, 1)?.contiguous()?;
-        let v = self.v_proj.forward(&h)?.reshape((n, self.num_heads, hd))?.transpose(0, 1)?.contiguous()?;
+        let (q, k, v) = (self.q_proj.forward(&h)?, self.k_proj.forward(&h)?, self.v_proj.forward(&h)?);
         let span = crate::profile::span("audio encoder attention core");
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut outs = Vec::with_capacity(windows.len());
-        let mut start = 0;
-        for &len in windows {
-            let (qw, kw, vw) = (q.narrow(1, start, len)?, k.narrow(1, start, len)?, v.narrow(1, start, len)?);
-            let scores = (qw.matmul(&kw.t()?)? * scale)?; // [heads, len, len]
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            outs.push(probs.matmul(&vw)?); // [heads, len, hd]
-            start += len;
-        }
-        let attn = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, d))?;
+        let attn = if x.device().is_cpu() {
+            // Token-major [n, heads, hd] on plain floats, windows on the worker pool.
+            let rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+            let out = crate::attention::windowed_attention(&rows(&q)?, &rows(&k)?, &rows(&v)?, self.num_heads, hd, windows);
+            Tensor::from_vec(out, (n, d), x.device())?
+        } else {
+            let heads_first = |t: Tensor| t.reshape((n, self.num_heads, hd))?.transpose(0, 1)?.contiguous();
+            let (q, k, v) = (heads_first(q)?, heads_first(k)?, heads_first(v)?);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let mut outs = Vec::with_capacity(windows.len());
+            let mut start = 0;
+            for &len in windows {
+                let (qw, kw, vw) = (q.narrow(1, start, len)?, k.narrow(1, start, len)?, v.narrow(1, start, len)?);
+                let scores = (qw.matmul(&kw.t()?)? * scale)?; // [heads, len, len]
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                outs.push(probs.matmul(&vw)?); // [heads, len, hd]
+                start += len;
+            }
+            Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, d))?
+        };
         drop(span);
         let x = (x + self.out_proj.forward(&attn)?)?;
         // 2. Pre-norm MLP.
