@@ -52,8 +52,11 @@ impl TalkerSparseMoe {
     /// `x [b, t, H]` → `[b, t, H]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // 1. Routed experts (softmax, top-k, optional renormalisation).
+        let span = crate::profile::span("talker routed experts");
         let routed = self.routed.forward(x)?;
+        drop(span);
         // 2. Shared expert scaled by sigmoid(gate(x)) [b, t, 1].
+        let _span = crate::profile::span("talker shared expert");
         let gate = candle_nn::ops::sigmoid(&self.shared_expert_gate.forward(x)?)?;
         let shared = self.shared_expert.forward(x)?.broadcast_mul(&gate)?;
         Ok((routed + shared)?)
@@ -166,6 +169,7 @@ impl TalkerModel {
         // 2. Pre-norm decoder layers.
         let mut x = embeds.clone();
         for (l, layer) in self.layers.iter().enumerate() {
+            let span = crate::profile::span("talker attention block");
             let a = layer.self_attn.forward(
                 &layer.input_layernorm.forward(&x)?,
                 &rope,
@@ -174,6 +178,7 @@ impl TalkerModel {
                 l,
             )?;
             x = (x + a)?;
+            drop(span);
             let f = layer
                 .mlp
                 .forward(&layer.post_attention_layernorm.forward(&x)?)?;
