@@ -150,7 +150,7 @@ fn add_host_bias(y: &mut [f32], bias: &Tensor) -> Result<bool> {
         return Ok(false);
     };
     let b = &cpu.as_slice::<f32>()?[start..end];
-    if b.is_empty() || y.len() % b.len() != 0 {
+    if b.is_empty() || !y.len().is_multiple_of(b.len()) {
         return Ok(false);
     }
     let add = |row: &mut [f32]| row.iter_mut().zip(b).for_each(|(v, &c)| *v += c);

@@ -233,8 +233,7 @@ mod tests {
         let (n, m, k) = (37, 21, 256);
         let w = QuantizedRows::quantize(&rand_rows(n, k, 3), n, k);
         let x = QuantizedRows::quantize(&rand_rows(m, k, 4), m, k);
-        let w_rows: Vec<*const BlockQ8> = (0..n).map(|c| w.row(c).as_ptr()).collect();
-        let x_rows: Vec<*const BlockQ8> = (0..m).map(|r| x.row(r).as_ptr()).collect();
+        let (w_rows, x_rows) = (w.row_ptrs(), x.row_ptrs());
         let mut out = vec![f32::NAN; m * n];
         let done = unsafe { gemm_rows(&w_rows, &x_rows, k / QK, out.as_mut_ptr(), n) };
         assert_eq!(done, 32, "two whole tiles of 16 weight rows");

@@ -124,7 +124,7 @@ impl Q8Matrix {
     /// `x [m, cols]` → `x Wᵀ [m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let xq = QuantizedRows::quantize_par(x, m, self.cols);
-        let x_rows: Vec<*const BlockQ8> = (0..m).map(|r| xq.row(r).as_ptr()).collect();
+        let x_rows = xq.row_ptrs();
         let mut out = vec![0f32; m * self.rows];
         let jobs = [MatJob { matrix: self, x_rows: &x_rows, out: SendPtr(out.as_mut_ptr()), out_stride: self.rows }];
         run_jobs(&jobs);

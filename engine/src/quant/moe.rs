@@ -78,7 +78,7 @@ impl Q8Experts {
             gate.iter().zip(&up).map(silu_mul).collect()
         };
         let hq = QuantizedRows::quantize_par(&hidden_rows, total, inter);
-        let h_rows: Vec<*const BlockQ8> = (0..total).map(|r| hq.row(r).as_ptr()).collect();
+        let h_rows = hq.row_ptrs();
 
         drop(span);
 

@@ -104,6 +104,11 @@ impl QuantizedRows {
     pub fn row(&self, r: usize) -> &[BlockQ8] {
         &self.blocks[r * self.blocks_per_row..(r + 1) * self.blocks_per_row]
     }
+
+    /// The first block of every row, as the kernels take their rows.
+    pub fn row_ptrs(&self) -> Vec<*const BlockQ8> {
+        (0..self.rows).map(|r| self.row(r).as_ptr()).collect()
+    }
 }
 
 /// One block, ggml's reference rounding (`round` half away from zero).
@@ -421,8 +426,7 @@ pub(crate) mod tests {
         let (n, m, k) = (11, 5, 160);
         let w = QuantizedRows::quantize(&rand_rows(n, k, 1), n, k);
         let x = QuantizedRows::quantize(&rand_rows(m, k, 2), m, k);
-        let w_rows: Vec<*const BlockQ8> = (0..n).map(|c| w.row(c).as_ptr()).collect();
-        let x_rows: Vec<*const BlockQ8> = (0..m).map(|r| x.row(r).as_ptr()).collect();
+        let (w_rows, x_rows) = (w.row_ptrs(), x.row_ptrs());
         let mut out = vec![0f32; m * n];
         unsafe { gemm_rows(&w_rows, &x_rows, k / QK, out.as_mut_ptr(), n) };
         // The AVX2-only variant (4 × 2 tiles) gives the same bits as the dispatched one.
