@@ -59,7 +59,9 @@ impl KvCache {
         let kv = match std::mem::take(&mut self.layers[layer]) {
             LayerKv::Empty => (k, v),
             LayerKv::Device(pk, pv) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            LayerKv::Host { .. } => anyhow::bail!("KV cache layer {layer} is on the host, the model on a device"),
+            LayerKv::Host { .. } => {
+                anyhow::bail!("KV cache layer {layer} is on the host, the model on a device")
+            }
         };
         self.layers[layer] = LayerKv::Device(kv.0.clone(), kv.1.clone());
         Ok(kv)
@@ -93,9 +95,8 @@ pub struct RopeRows {
 impl RopeRows {
     pub fn new(cos: Tensor, sin: Tensor) -> Result<Self> {
         let host = cos.device().is_cpu();
-        let rows = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(if host { t.flatten_all()?.to_vec1::<f32>()? } else { Vec::new() })
-        };
+        let rows =
+            |t: &Tensor| -> Result<Vec<f32>> { Ok(if host { t.flatten_all()?.to_vec1::<f32>()? } else { Vec::new() }) };
         Ok(Self { cos_host: rows(&cos)?, sin_host: rows(&sin)?, cos, sin })
     }
 }
@@ -258,7 +259,7 @@ impl Attention {
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // [b, kv, groups·t, hd]
-        // 4. Back to [b, t, heads·hd] in head order (head = kv·groups + g).
+                                     // 4. Back to [b, t, heads·hd] in head order (head = kv·groups + g).
         Ok(out.reshape((b, self.num_heads, t, hd))?.transpose(1, 2)?.reshape((b, t, self.num_heads * hd))?)
     }
 }
@@ -292,7 +293,14 @@ fn attend(q: &[f32], kv: &KvRows<'_>, rows: std::ops::Range<usize>, scale: f32, 
 
 /// Bidirectional attention inside consecutive windows (the AuT encoder's): `q`, `k`, `v` are
 /// token-major `[n, heads, hd]`, `windows` sum to `n`; returns `[n, heads·hd]`.
-pub(crate) fn windowed_attention(q: &[f32], k: &[f32], v: &[f32], heads: usize, hd: usize, windows: &[usize]) -> Vec<f32> {
+pub(crate) fn windowed_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    hd: usize,
+    windows: &[usize],
+) -> Vec<f32> {
     let n: usize = windows.iter().sum();
     let mut window_of = Vec::with_capacity(n);
     let mut start = 0;
@@ -317,6 +325,70 @@ pub(crate) fn windowed_attention(q: &[f32], k: &[f32], v: &[f32], heads: usize, 
 
 /// `Σ a·b` in f32 with eight partial sums.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX.
+        return unsafe { dot_avx(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+/// `out[c] = dot(x, weights[c·k..(c+1)·k])` for every row `c` of `weights`: the same bits as
+/// [`dot`] per output, four rows per pass over `x` (four independent add chains instead of one).
+pub(crate) fn dot_rows(x: &[f32], weights: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        let whole = out.len() / 4 * 4;
+        for (c0, o) in (0..whole).step_by(4).zip(out.chunks_exact_mut(4)) {
+            // SAFETY: the CPU has AVX; rows c0..c0+4 are in `weights`.
+            o.copy_from_slice(&unsafe { dot4_avx(x, &weights[c0 * k..(c0 + 4) * k]) });
+        }
+        for c in whole..out.len() {
+            out[c] = dot(x, &weights[c * k..(c + 1) * k]);
+        }
+        return;
+    }
+    for (o, w) in out.iter_mut().zip(weights.chunks_exact(k.max(1))) {
+        *o = dot_portable(x, w);
+    }
+}
+
+/// [`dot_avx`] of `x` with four consecutive rows of `w4`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn dot4_avx(x: &[f32], w4: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    let whole = k / 8 * 8;
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let px = x.as_ptr();
+    let mut i = 0;
+    while i < whole {
+        // SAFETY: i + 8 <= k and every row has k values.
+        unsafe {
+            let xv = _mm256_loadu_ps(px.add(i));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(xv, _mm256_loadu_ps(w4.as_ptr().add(r * k + i))));
+            }
+        }
+        i += 8;
+    }
+    let mut out = [0f32; 4];
+    for (r, a) in acc.iter().enumerate() {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+        let w = &w4[r * k..(r + 1) * k];
+        // Same operand order as `dot(x, w)`: x·w per element.
+        let tail: f32 = x[whole..].iter().zip(&w[whole..]).map(|(a, b)| a * b).sum();
+        out[r] = lanes.iter().sum::<f32>() + tail;
+    }
+    out
+}
+
+/// [`dot`]'s arithmetic in plain Rust (the default target has only 128-bit vectors).
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     // Eight partial sums: vectorizes, and stays close to a pairwise sum.
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -330,12 +402,51 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// [`dot_portable`] in one 256-bit register: the same eight partial sums (multiply, then add: no
+/// FMA), summed in the same order, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let whole = n / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut i = 0;
+    while i < whole {
+        // SAFETY: i + 8 <= n.
+        acc = unsafe { _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)))) };
+        i += 8;
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    let tail: f32 = a[whole..n].iter().zip(&b[whole..n]).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+#[test]
+fn dot_avx_has_the_portable_bits() {
+    let a: Vec<f32> = (0..1037).map(|i| ((i * 7919) % 1000) as f32 / 313.0 - 1.6).collect();
+    let b: Vec<f32> = (0..1037).map(|i| ((i * 104729) % 997) as f32 / 211.0 - 2.3).collect();
+    for n in [0, 5, 8, 64, 1037] {
+        assert_eq!(dot(&a[..n], &b[..n]).to_bits(), dot_portable(&a[..n], &b[..n]).to_bits(), "n = {n}");
+    }
+    // Seven rows of 148 values: one pass of four, three single ones.
+    let (k, rows) = (148, 7);
+    let mut out = vec![0f32; rows];
+    dot_rows(&a[..k], &b[..rows * k], &mut out);
+    for (c, o) in out.iter().enumerate() {
+        assert_eq!(o.to_bits(), dot_portable(&a[..k], &b[c * k..(c + 1) * k]).to_bits(), "row {c}");
+    }
+}
+
 /// `[t, past + t]` additive causal mask (the tensor path): query i sees keys `0 ..= past + i`.
 pub fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     let s = past + t;
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let data: Vec<f32> =
+        (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Tensor::from_vec(data, (t, s), device)?)
 }
 

@@ -104,15 +104,15 @@ impl std::fmt::Debug for ConversationOptions {
     }
 }
 
-/// How answers are streamed: the first sound after 2 Talker frames (each frame also waits for a
-/// Thinker token, so an 8-frame first chunk cost ~1 s more on the lent 16-core CPU), then 8-frame
-/// chunks.
+/// How answers are streamed: the first sound after the first Talker frame (57 ms of audio; each
+/// further frame waits for a Thinker token, a Talker step and the code predictor: ~0.17 s each on
+/// the lent 16-core CPU, and an 8-frame first chunk cost ~1 s more), then 8-frame chunks.
 pub const ANSWER_CHUNKING: StreamingOptions =
-    StreamingOptions { chunk_frames: 8, first_chunk_frames: 2, left_context: 25 };
+    StreamingOptions { chunk_frames: 8, first_chunk_frames: 1, left_context: 25 };
 
 impl ConversationOptions {
     /// The checkpoint's sampling (generation_config.json), the reference Talker sampling (seed 0),
-    /// 512 tokens, a first audio chunk of 2 frames (0.16 s) then chunks of 8 frames (0.64 s), with
+    /// 512 tokens, a first audio chunk of 1 frame (57 ms of audio) then chunks of 8 frames (0.64 s), with
     /// 25 frames (2 s) of left context.
     pub fn new(model: &OmniModel) -> Self {
         Self {

@@ -7,6 +7,7 @@
 //!   audio, real-time factor, time to the first audio chunk.
 //! * [`thinker`]: prefill and decode tokens/s (optionally on fewer layers, extrapolated).
 //! * [`latency`]: end of user speech → first answer audio, stage by stage.
+//! * [`matmul`]: the Q8_0 product kernels alone, GMAC/s at the hot paths' shapes.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,6 +25,7 @@ use crate::weights::WeightStore;
 pub mod conversation;
 pub mod latency;
 pub mod machine;
+pub mod matmul;
 pub mod random_weights;
 pub mod speech;
 pub mod thinker;

@@ -93,6 +93,14 @@ enum BenchWhat {
         #[command(flatten)]
         common: BenchCommon,
     },
+    /// The Q8_0 product kernels alone: GMAC/s at the shapes of the latency path, all threads and one.
+    Matmul {
+        /// Timed calls per shape (median).
+        #[arg(long, default_value_t = 50)]
+        iters: usize,
+        #[command(flatten)]
+        common: BenchCommon,
+    },
     /// End of user speech → first answer audio, stage by stage (real shapes, random Q8_0 weights).
     Latency {
         /// Seconds of user speech.
@@ -132,7 +140,7 @@ struct BenchCommon {
     /// Frames per streaming Code2Wav chunk (default: the product's).
     #[arg(long)]
     chunk_frames: Option<usize>,
-    /// Frames of the first Code2Wav chunk in `bench latency` (default: the product's, 2).
+    /// Frames of the first Code2Wav chunk in `bench latency` (default: the product's, 1).
     #[arg(long)]
     first_chunk_frames: Option<usize>,
 }
@@ -589,6 +597,12 @@ fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
             omni_engine::bench::machine::set_threads(common.threads)?;
             let o = ThinkerBenchOptions { prompt_tokens: *prompt_tokens, gen_tokens: *gen, layers: *layers, seed: common.seed };
             let r = bench_thinker(&o)?;
+            print_bench(common.json, &r.table(), &r)?;
+        }
+        BenchWhat::Matmul { iters, common } => {
+            use omni_engine::bench::matmul::{bench_matmul, default_shapes};
+            omni_engine::bench::machine::set_threads(common.threads)?;
+            let r = bench_matmul(&default_shapes(), *iters)?;
             print_bench(common.json, &r.table(), &r)?;
         }
         BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: true, no_prime, common } => {

@@ -246,10 +246,12 @@ impl History {
     }
 }
 
-/// Until the first audio chunk is out, the Thinker decodes at most [`Self::AHEAD`] tokens past the
-/// Talker's frames: further tokens are not needed yet and their decode steps would take the same
-/// cores as the frames of the first chunk (measured: ~0.4 s later first audio on the lent CPU).
+/// Until the first audio chunk is out, the Thinker decodes at most `ahead` tokens (the first chunk's
+/// frames: frame k takes token k) past the Talker's frames: further tokens are not needed yet and
+/// their decode steps would take the same cores as the frames of the first chunk (measured: ~0.4 s
+/// later first audio on the lent CPU).
 struct FirstAudioPace {
+    ahead: usize,
     frames: AtomicUsize,
     open: AtomicBool,
     lock: Mutex<()>,
@@ -257,10 +259,8 @@ struct FirstAudioPace {
 }
 
 impl FirstAudioPace {
-    const AHEAD: usize = 2;
-
-    fn new() -> Self {
-        Self { frames: AtomicUsize::new(0), open: AtomicBool::new(false), lock: Mutex::new(()), changed: Condvar::new() }
+    fn new(ahead: usize) -> Self {
+        Self { ahead: ahead.max(1), frames: AtomicUsize::new(0), open: AtomicBool::new(false), lock: Mutex::new(()), changed: Condvar::new() }
     }
 
     fn notify(&self) {
@@ -284,7 +284,7 @@ impl FirstAudioPace {
         let Ok(mut guard) = self.lock.lock() else { return };
         while !self.open.load(Ordering::SeqCst)
             && !cancel.is_cancelled()
-            && generated >= self.frames.load(Ordering::SeqCst) + Self::AHEAD
+            && generated >= self.frames.load(Ordering::SeqCst) + self.ahead
         {
             match self.changed.wait_timeout(guard, std::time::Duration::from_millis(5)) {
                 Ok((g, _)) => guard = g,
@@ -421,7 +421,7 @@ fn answer(job: &TurnJob, h: &mut History, start: Instant) -> Result<TurnSummary>
     let (feed_tx, feed_rx) = crossbeam_channel::unbounded::<TextFeed>();
     let opts = &job.opts;
     let first_audio = std::sync::Mutex::new(None::<f64>);
-    let pace = speech.map(|_| FirstAudioPace::new());
+    let pace = speech.map(|_| FirstAudioPace::new(job.opts.chunking.first_chunk_frames));
     let prior_rows = std::mem::take(&mut h.user_rows);
     let (gen, finish, speech_out, new_rows) = std::thread::scope(|scope| -> Result<_> {
         let talker = speech.map(|(s, speaker_id)| {

@@ -92,7 +92,9 @@ impl Q8Matrix {
         if !enabled() || q.dtype() != GgmlDType::Q8_0 {
             return None;
         }
-        let &[rows, cols] = q.shape().dims() else { return None };
+        let &[rows, cols] = q.shape().dims() else {
+            return None;
+        };
         if cols % QK != 0 {
             return None;
         }
@@ -125,8 +127,15 @@ impl Q8Matrix {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let xq = QuantizedRows::quantize_par(x, m, self.cols);
         let x_rows = xq.row_ptrs();
+        let x_f32: Vec<*const f32> = x.chunks_exact(self.cols).map(|r| r.as_ptr()).collect();
         let mut out = vec![0f32; m * self.rows];
-        let jobs = [MatJob { matrix: self, x_rows: &x_rows, out: SendPtr(out.as_mut_ptr()), out_stride: self.rows }];
+        let jobs = [MatJob {
+            matrix: self,
+            x_rows: &x_rows,
+            x_f32: &x_f32,
+            out: SendPtr(out.as_mut_ptr()),
+            out_stride: self.rows,
+        }];
         run_jobs(&jobs);
         out
     }
@@ -135,7 +144,10 @@ impl Q8Matrix {
 /// One product `x_rows × matrixᵀ` writing `out[r * out_stride + c]`.
 pub(crate) struct MatJob<'a> {
     pub matrix: &'a Q8Matrix,
+    /// The activation rows quantized to Q8_0 (the VNNI/AVX tiles)…
     pub x_rows: &'a [*const BlockQ8],
+    /// …and the same rows in f32 (`matrix.cols` each; the AMX tiles).
+    pub x_f32: &'a [*const f32],
     pub out: SendPtr<f32>,
     pub out_stride: usize,
 }
@@ -144,16 +156,30 @@ unsafe impl Sync for MatJob<'_> {}
 /// Activation rows per work item: more rows share each weight tile, but the item must stay small
 /// enough to balance.
 const ROWS_PER_ITEM: usize = 64;
+/// The same on AMX tiles, where an item's weight tiles and their gathered scales serve every group
+/// of 16 activation rows it takes.
+#[cfg(target_arch = "x86_64")]
+const AMX_ROWS_PER_ITEM: usize = 128;
 
-/// Runs every job's tiles on the rayon pool, all jobs in one parallel sweep.
-pub(crate) fn run_jobs(jobs: &[MatJob]) {
+/// One work item: weight rows `c0..c1` of job `job` times its activation rows `r0..r1`.
+#[derive(Clone, Copy)]
+struct Item {
+    job: usize,
+    c0: usize,
+    c1: usize,
+    r0: usize,
+    r1: usize,
+}
+
+/// Splits the jobs into about 4 items per thread over the whole sweep, in whole weight tiles of
+/// `tile_cols` rows and activation runs of `rows_per_item`, but no item under `min_item_macs()`
+/// (one-row decode products are small).
+fn split_items(jobs: &[MatJob], tile_cols: usize, rows_per_item: impl Fn(&MatJob) -> usize) -> Vec<Item> {
     let threads = rayon::current_num_threads().max(1);
     let total_work: usize = jobs.iter().map(|j| j.matrix.rows * j.x_rows.len()).sum();
-    // Weight rows per item: about 4 items per thread over the whole sweep, in whole tiles, but no
-    // item under min_item_macs() (one-row decode products are small).
     let total_macs: usize = jobs.iter().map(|j| j.matrix.rows * j.matrix.cols * j.x_rows.len()).sum();
     let target_items = (threads * 4).min(total_macs / min_item_macs()).max(1);
-    let mut items: Vec<(usize, usize, usize, usize, usize)> = Vec::new(); // (job, c0, c1, r0, r1)
+    let mut items = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
         let m = job.x_rows.len();
         if m == 0 {
@@ -161,38 +187,121 @@ pub(crate) fn run_jobs(jobs: &[MatJob]) {
         }
         let share = (job.matrix.rows * m) as f64 / total_work.max(1) as f64;
         let job_items = ((target_items as f64 * share).ceil() as usize).max(1);
-        let row_groups = m.div_ceil(ROWS_PER_ITEM);
+        let per_item = rows_per_item(job);
+        let row_groups = m.div_ceil(per_item);
         let col_items = job_items.div_ceil(row_groups).max(1);
-        let chunk = job.matrix.rows.div_ceil(col_items).next_multiple_of(q8_0::TILE_COLS).max(q8_0::TILE_COLS);
+        let chunk = job.matrix.rows.div_ceil(col_items).next_multiple_of(tile_cols).max(tile_cols);
         for g in 0..row_groups {
-            let (r0, r1) = (g * ROWS_PER_ITEM, ((g + 1) * ROWS_PER_ITEM).min(m));
+            let (r0, r1) = (g * per_item, ((g + 1) * per_item).min(m));
             let mut c0 = 0;
             while c0 < job.matrix.rows {
                 let c1 = (c0 + chunk).min(job.matrix.rows);
-                items.push((j, c0, c1, r0, r1));
+                items.push(Item { job: j, c0, c1, r0, r1 });
                 c0 = c1;
             }
         }
     }
-    let run = |&(j, c0, c1, r0, r1): &(usize, usize, usize, usize, usize)| {
-        let job = &jobs[j];
-        let w_rows: Vec<*const BlockQ8> = (c0..c1).map(|c| job.matrix.row_ptr(c)).collect();
-        // SAFETY: rows c0..c1 and r0..r1 are in bounds; items write disjoint (row, col) ranges.
-        unsafe {
-            q8_0::gemm_rows(
-                &w_rows,
-                &job.x_rows[r0..r1],
-                job.matrix.blocks_per_row(),
-                job.out.0.add(r0 * job.out_stride + c0),
-                job.out_stride,
-            )
-        }
-    };
+    items
+}
+
+fn for_each_item(items: &[Item], run: impl Fn(&Item) + Sync + Send) {
     if items.len() == 1 {
         run(&items[0]);
     } else {
         items.par_iter().for_each(run);
     }
+}
+
+/// Runs every job's tiles on the rayon pool, all jobs in one parallel sweep.
+pub(crate) fn run_jobs(jobs: &[MatJob]) {
+    #[cfg(target_arch = "x86_64")]
+    if amx_available() && jobs.iter().any(|j| j.x_rows.len() >= amx::MIN_ROWS) {
+        run_jobs_amx(jobs);
+        return;
+    }
+    let items = split_items(jobs, q8_0::TILE_COLS, |_| ROWS_PER_ITEM);
+    for_each_item(&items, |&Item { job, c0, c1, r0, r1 }| {
+        let job = &jobs[job];
+        // SAFETY: rows c0..c1 and r0..r1 are in bounds; items write disjoint (row, col) ranges.
+        unsafe { vnni_item(job, c0, c1, r0, r1) }
+    });
+}
+
+/// Weight rows `c0..c1` × activation rows `r0..r1` of `job` on the VNNI/AVX tiles.
+///
+/// # Safety
+/// The ranges are in bounds and no other thread writes the same outputs.
+unsafe fn vnni_item(job: &MatJob, c0: usize, c1: usize, r0: usize, r1: usize) {
+    let w_rows: Vec<*const BlockQ8> = (c0..c1).map(|c| job.matrix.row_ptr(c)).collect();
+    unsafe {
+        q8_0::gemm_rows(
+            &w_rows,
+            &job.x_rows[r0..r1],
+            job.matrix.blocks_per_row(),
+            job.out.0.add(r0 * job.out_stride + c0),
+            job.out_stride,
+        )
+    }
+}
+
+/// [`run_jobs`] with AMX: each job of at least [`amx::MIN_ROWS`] rows has its f32 activations
+/// packed once (in parallel, before the sweep); its items run whole 16-row weight tiles on the tile
+/// unit, a trailing partial tile on the VNNI tiles. Jobs of fewer rows run on the VNNI tiles
+/// throughout.
+#[cfg(target_arch = "x86_64")]
+fn run_jobs_amx(jobs: &[MatJob]) {
+    let packed: Vec<Option<amx::PackedRows>> = {
+        let _span = crate::profile::span("amx pack activations");
+        jobs.par_iter()
+            .map(|j| {
+                debug_assert_eq!(j.x_f32.len(), j.x_rows.len());
+                // SAFETY: the job's f32 rows hold the matrix's columns each.
+                (j.x_rows.len() >= amx::MIN_ROWS)
+                    .then(|| unsafe { amx::PackedRows::pack(j.x_f32, j.matrix.blocks_per_row()) })
+            })
+            .collect()
+    };
+    let items =
+        split_items(
+            jobs,
+            amx::TILE,
+            |j| {
+                if j.x_rows.len() >= amx::MIN_ROWS {
+                    AMX_ROWS_PER_ITEM
+                } else {
+                    ROWS_PER_ITEM
+                }
+            },
+        );
+    for_each_item(&items, |&Item { job: j, c0, c1, r0, r1 }| {
+        let job = &jobs[j];
+        let Some(packed) = &packed[j] else {
+            // SAFETY: as in `run_jobs`.
+            unsafe { vnni_item(job, c0, c1, r0, r1) };
+            return;
+        };
+        let whole = (c1 - c0) / amx::TILE * amx::TILE;
+        // Items start on whole tiles and row runs on whole groups (split_items' multiples of 16).
+        debug_assert!(c0 % amx::TILE == 0 && r0 % amx::TILE == 0);
+        // SAFETY: rows c0..c0+whole of the matrix are evenly strided in place; the output ranges
+        // of items are disjoint.
+        unsafe {
+            if whole > 0 {
+                amx::gemm_packed(
+                    job.matrix.row_ptr(c0),
+                    job.matrix.blocks_per_row(),
+                    whole / amx::TILE,
+                    packed,
+                    r0 / amx::TILE..r1.div_ceil(amx::TILE),
+                    job.out.0.add(r0 * job.out_stride + c0),
+                    job.out_stride,
+                );
+            }
+            if c0 + whole < c1 {
+                vnni_item(job, c0 + whole, c1, r0, r1);
+            }
+        }
+    });
 }
 
 impl QuantizedRows {

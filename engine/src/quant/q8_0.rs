@@ -155,14 +155,6 @@ pub unsafe fn gemm_rows(
 ) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        let (mut w_rows, mut out) = (w_rows, out);
-        if x_rows.len() >= super::amx::MIN_ROWS && super::amx::available() {
-            let done = super::amx::gemm_rows(w_rows, x_rows, blocks, out, out_stride);
-            if done == w_rows.len() {
-                return;
-            }
-            (w_rows, out) = (&w_rows[done..], out.add(done));
-        }
         match kernel_variant() {
             KernelVariant::Vnni => avx2::gemm_rows_vnni(w_rows, x_rows, blocks, out, out_stride),
             KernelVariant::Avx512 => avx2::gemm_rows_avx512(w_rows, x_rows, blocks, out, out_stride),

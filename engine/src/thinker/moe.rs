@@ -31,8 +31,14 @@ pub fn route_token(logits: &[f32], k: usize, renormalise: bool) -> Route {
     let sum: f32 = exps.iter().sum();
     let probs: Vec<f32> = exps.iter().map(|e| e / sum).collect();
     let mut order: Vec<usize> = (0..probs.len()).collect();
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-    order.truncate(k);
+    // The order is total (ties by index), so selecting the k best and sorting only them gives the
+    // same prefix as sorting everything.
+    let best_first = |&a: &usize, &b: &usize| probs[b].total_cmp(&probs[a]).then(a.cmp(&b));
+    if k < order.len() {
+        order.select_nth_unstable_by(k, best_first);
+        order.truncate(k);
+    }
+    order.sort_by(best_first);
     let mut weights: Vec<f32> = order.iter().map(|&e| probs[e]).collect();
     if renormalise {
         let total: f32 = weights.iter().sum();
@@ -180,7 +186,12 @@ impl SparseMoe {
     pub fn routes(&self, x: &Tensor) -> Result<Vec<Route>> {
         let _span = crate::profile::span("moe router");
         let logits = self.gate.forward(x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        Ok(logits.iter().map(|row| route_token(row, self.top_k, self.norm_topk_prob)).collect())
+        let route = |row: &Vec<f32>| route_token(row, self.top_k, self.norm_topk_prob);
+        if logits.len() >= 16 {
+            use rayon::prelude::*;
+            return Ok(logits.par_iter().map(route).collect());
+        }
+        Ok(logits.iter().map(route).collect())
     }
 
     /// `x [b, t, H]` → `[b, t, H]`.
