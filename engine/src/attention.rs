@@ -55,6 +55,30 @@ impl KvCache {
         self.len = len;
     }
 
+    /// Forgets every position from `len` on. Positions are only ever appended, never rewritten, so
+    /// this is the cache as it was when it held `len` positions.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        let old = self.len;
+        for layer in &mut self.layers {
+            match layer {
+                LayerKv::Empty => {}
+                LayerKv::Host { k, v } => {
+                    let (kw, vw) = (k.len() / old, v.len() / old);
+                    k.truncate(len * kw);
+                    v.truncate(len * vw);
+                }
+                LayerKv::Device(k, v) => {
+                    *layer = LayerKv::Device(k.narrow(2, 0, len)?, v.narrow(2, 0, len)?);
+                }
+            }
+        }
+        self.len = len;
+        Ok(())
+    }
+
     fn append_device(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         let kv = match std::mem::take(&mut self.layers[layer]) {
             LayerKv::Empty => (k, v),
@@ -171,9 +195,12 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         // 1. Projections, per-head norm: [b, t, heads, hd].
-        let q = self.q_norm.forward(&self.q_proj.forward(x)?.reshape((b, t, self.num_heads, hd))?)?;
-        let k = self.k_norm.forward(&self.k_proj.forward(x)?.reshape((b, t, self.num_kv_heads, hd))?)?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, self.num_kv_heads, hd))?;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three projections"))?;
+        let q = self.q_norm.forward(&q.reshape((b, t, self.num_heads, hd))?)?;
+        let k = self.k_norm.forward(&k.reshape((b, t, self.num_kv_heads, hd))?)?;
+        let v = v.reshape((b, t, self.num_kv_heads, hd))?;
         let out = if x.device().is_cpu() && b == 1 {
             self.core_host(&q, &k, &v, rope, cache, layer, x.device())?
         } else {
@@ -485,5 +512,34 @@ mod tests {
         let want = want.to_vec1::<f32>().unwrap();
         let err = host.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(err < 1e-6, "rotation differs by {err}");
+    }
+
+    /// Truncating and appending again equals appending the same rows to the shorter cache.
+    #[test]
+    fn truncated_cache_equals_the_cache_at_that_length() {
+        let row = |i: usize| -> Vec<f32> { (0..6).map(|j| (i * 10 + j) as f32).collect() };
+        let fill = |cache: &mut KvCache, rows: std::ops::Range<usize>| {
+            for i in rows {
+                for layer in 0..2 {
+                    let (k, v) = (row(i), row(i + 100));
+                    cache.append_host(layer, &k, &v).unwrap();
+                }
+                cache.set_len(i + 1);
+            }
+        };
+        let (mut long, mut short) = (KvCache::new(2), KvCache::new(2));
+        fill(&mut long, 0..5);
+        long.truncate(3).unwrap();
+        assert_eq!(long.len(), 3);
+        fill(&mut long, 3..4);
+        fill(&mut short, 0..4);
+        for layer in 0..2 {
+            let (LayerKv::Host { k: a, v: b }, LayerKv::Host { k: c, v: d }) = (&long.layers[layer], &short.layers[layer]) else {
+                panic!("host layers")
+            };
+            assert_eq!((a, b), (c, d), "layer {layer}");
+        }
+        long.truncate(9).unwrap();
+        assert_eq!(long.len(), 4, "truncating past the end keeps everything");
     }
 }

@@ -97,6 +97,7 @@ impl Conv2d {
         } else {
             x.conv2d(&self.weight, 1, 2, 1, 1)?
         };
+        let _span = crate::profile::span("audio stem conv, bias");
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
     }
 
@@ -110,6 +111,7 @@ impl Conv2d {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let k = cin * 9;
         // 1. Patches [b·ho·wo, cin·9], zero outside the padded input.
+        let gather = crate::profile::span("audio stem conv, im2col gather");
         let mut cols = vec![0f32; b * ho * wo * k];
         cols.par_chunks_mut(k).enumerate().for_each(|(p, row)| {
             let (bi, oy, ox) = (p / (ho * wo), (p / wo) % ho, p % wo);
@@ -129,9 +131,13 @@ impl Conv2d {
                 }
             }
         });
+        drop(gather);
         // 2. [b·ho·wo, cin·9] · [cin·9, cout] → [b, cout, ho, wo].
         let cols = Tensor::from_vec(cols, (b * ho * wo, k), x.device())?;
+        let product = crate::profile::span("audio stem conv, f32 product");
         let y = cols.matmul(&self.matrix.t()?)?;
+        drop(product);
+        let _span = crate::profile::span("audio stem conv, to channels first");
         Ok(y.reshape((b, ho, wo, cout))?.permute((0, 3, 1, 2))?.contiguous()?)
     }
 }
@@ -171,7 +177,9 @@ impl EncoderLayer {
         let hd = d / self.num_heads;
         // 1. Pre-norm attention, each window on its own.
         let h = self.self_attn_layer_norm.forward(x)?;
-        let (q, k, v) = (self.q_proj.forward(&h)?, self.k_proj.forward(&h)?, self.v_proj.forward(&h)?);
+        let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], &h)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three projections"))?;
         let span = crate::profile::span("audio encoder attention core");
         let attn = if x.device().is_cpu() {
             // Token-major [n, heads, hd] on plain floats, windows on the worker pool.

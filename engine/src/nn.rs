@@ -97,6 +97,40 @@ impl Linear {
         }
     }
 
+    /// Every layer of `layers` applied to the same `x`, as [`forward`](Self::forward) would one by
+    /// one (same bits), in one product sweep when all are Q8_0 on the engine's kernels: `x` is
+    /// quantized (and on AMX packed) once and the pool forks once, not three times for q/k/v.
+    pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let matrices: Option<Vec<&Q8Matrix>> = layers.iter().map(|l| l.q8_matrix()).collect();
+        let cols = matrices.as_ref().and_then(|m| m.first()).map(|m| m.cols);
+        let same_cols = matrices.as_ref().is_some_and(|m| m.iter().all(|w| Some(w.cols) == cols));
+        let (Some(matrices), Some(cols), true, true) = (matrices, cols, same_cols, x.device().is_cpu()) else {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        };
+        let m = x.elem_count() / cols;
+        let _span = crate::profile::span(match m {
+            1 => "linear q8 shared input, 1 row",
+            2..=15 => "linear q8 shared input, 2-15 rows",
+            _ => "linear q8 shared input, 16+ rows",
+        });
+        let rows = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let outs = Q8Matrix::matmul_many(&matrices, &rows, m);
+        layers
+            .iter()
+            .zip(outs)
+            .map(|(layer, mut y)| {
+                let mut shape = x.dims().to_vec();
+                *shape.last_mut().expect("a matmul input has dimensions") = layer.out_dim();
+                match &layer.bias {
+                    Some(b) if !add_host_bias(&mut y, b)? => {
+                        Ok(Tensor::from_vec(y, shape, x.device())?.broadcast_add(b)?)
+                    }
+                    _ => Ok(Tensor::from_vec(y, shape, x.device())?),
+                }
+            })
+            .collect()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, x.dims()) {
             (LinearWeight::Quantized { q8: Some(q8), out_dim, .. }, dims) if x.device().is_cpu() => {

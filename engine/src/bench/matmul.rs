@@ -43,6 +43,8 @@ pub fn default_shapes() -> Vec<MatmulShape> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MatmulResult {
     pub shape: MatmulShape,
+    /// `q8_0` (the engine's kernels) or `f32 candle` (dense, as the audio stem's convs run).
+    pub kind: &'static str,
     pub all_threads_ms: f64,
     pub all_threads_gmacs: f64,
     pub one_thread_ms: f64,
@@ -67,7 +69,7 @@ impl MatmulBench {
         for r in &self.results {
             let s = &r.shape;
             t.row(
-                format!("{} ({}×{}→{})", s.name, s.rows, s.k, s.n),
+                format!("{} ({}×{}→{}, {})", s.name, s.rows, s.k, s.n, r.kind),
                 format!("{:.3} ms", r.all_threads_ms),
                 format!(
                     "{:.0} GMAC/s on {} threads; one thread {:.3} ms, {:.1} GMAC/s",
@@ -128,11 +130,34 @@ pub fn bench_matmul(shapes: &[MatmulShape], iters: usize) -> Result<MatmulBench>
         });
         results.push(MatmulResult {
             shape: shape.clone(),
+            kind: "q8_0",
             all_threads_ms: all,
             all_threads_gmacs: macs / all / 1e6,
             one_thread_ms: one,
             one_thread_gmacs: macs / one / 1e6,
         });
     }
+    // The audio stem's second conv as it runs (f32 im2col patches times the transposed kernel
+    // matrix through candle): the end of speech waits for one of these.
+    let stem = MatmulShape { name: "audio stem conv2 (im2col), one 100-frame chunk", rows: 800, k: 4320, n: 480 };
+    let w = Tensor::from_vec(random_values(stem.n * stem.k, 99), (stem.n, stem.k), &Device::Cpu)?;
+    let x = Tensor::from_vec(random_values(stem.rows * stem.k, 98), (stem.rows, stem.k), &Device::Cpu)?;
+    let macs = (stem.rows * stem.k * stem.n) as f64;
+    let all = median_ms(iters.min(20), || {
+        std::hint::black_box(crate::quant::in_pool(|| x.matmul(&w.t().expect("2-D")).expect("f32 matmul")));
+    });
+    let one = one_thread.install(|| {
+        median_ms(3, || {
+            std::hint::black_box(x.matmul(&w.t().expect("2-D")).expect("f32 matmul"));
+        })
+    });
+    results.push(MatmulResult {
+        shape: stem,
+        kind: "f32 candle",
+        all_threads_ms: all,
+        all_threads_gmacs: macs / all / 1e6,
+        one_thread_ms: one,
+        one_thread_gmacs: macs / one / 1e6,
+    });
     Ok(MatmulBench { bench: "matmul", machine: MachineFacts::collect(), iters, results })
 }

@@ -236,6 +236,7 @@ impl LoadProgress for BarProgress {
 }
 
 fn main() -> ExitCode {
+    omni_engine::quant::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -45,8 +45,9 @@ pub struct History {
     clip_embeds: Vec<Tensor>,
     /// Talker user rows `(position, [1, talker_hidden])` of the cached prompt positions.
     user_rows: Vec<(usize, Tensor)>,
-    /// The cache at the end of the last prompt and its length, while the answer may still change.
-    snapshot: Option<(KvCache, usize)>,
+    /// The length of the cache at the end of the last prompt, while the answer may still change
+    /// (the cache only grows, so truncating to it restores it; a copy cost ~10 ms per turn).
+    snapshot: Option<usize>,
     /// The last answer's generated ids (for `truncate_last_answer`).
     last_answer: Option<Vec<u32>>,
 }
@@ -92,13 +93,12 @@ impl History {
     /// Goes back to the cache at the end of the last prompt, if it was kept.
     fn restore_snapshot(&mut self) -> bool {
         match self.snapshot.take() {
-            Some((cache, len)) => {
-                self.cache = cache;
+            Some(len) if self.cache.len() >= len && self.cache.truncate(len).is_ok() => {
                 self.ids.truncate(len);
                 self.user_rows.retain(|(p, _)| *p < len);
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -388,8 +388,7 @@ fn answer(job: &TurnJob, h: &mut History, start: Instant) -> Result<TurnSummary>
     // 2. Reuse the longest cached prefix (see the module docs).
     let common = h.ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
     if common < h.ids.len() {
-        let snapshot_len = h.snapshot.as_ref().map(|(_, l)| *l);
-        if !(snapshot_len.is_some_and(|l| l <= common) && h.restore_snapshot()) {
+        if !(h.snapshot.is_some_and(|l| l <= common) && h.restore_snapshot()) {
             h.drop_cache(model);
         }
     }
@@ -404,7 +403,7 @@ fn answer(job: &TurnJob, h: &mut History, start: Instant) -> Result<TurnSummary>
     let Prefilled { embeds, accepted, last_hidden } =
         h.prefill_range(model, speech.map(|(s, _)| &s.talker), &ids, from, &job.cancel)?;
     h.ids = ids.clone();
-    h.snapshot = Some((h.cache.clone(), ids.len()));
+    h.snapshot = Some(ids.len());
     timings.prefill_ms = prefill_start.elapsed().as_secs_f64() * 1e3;
     let _ = job.events.send(AnswerEvent::Prefilled {
         prompt_tokens: ids.len(),

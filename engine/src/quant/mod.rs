@@ -40,6 +40,26 @@ pub fn amx_available() -> bool {
     }
 }
 
+/// Keeps freed memory in the process. glibc gives every allocation over 128 KB its own mapping
+/// (raising that bar only as blocks are freed) and trims heap tops back to the OS, so a forward's
+/// activation buffers keep coming back as fresh zero pages: a page fault per 4 KB on first touch,
+/// which in a VM cost more than the GELU or im2col work writing them. This serves allocations up
+/// to 32 MB from the heap and never trims it: the resident size stays at the peak of the work done
+/// (the model's weights are file maps either way). Call once at startup (the CLI does); no effect
+/// off glibc; `OMNI_KEEP_FREED_MEMORY=0` skips it (for side-by-side timing).
+pub fn keep_freed_memory() {
+    if std::env::var("OMNI_KEEP_FREED_MEMORY").as_deref() == Ok("0") {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before the worker threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 /// Whether the engine's own kernels run (CPU support and not switched off by `OMNI_CANDLE_MATMUL`).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -121,6 +141,25 @@ impl Q8Matrix {
     pub fn row_ptr(&self, r: usize) -> *const BlockQ8 {
         debug_assert!(r < self.rows);
         (self.base as *const BlockQ8).wrapping_add(r * self.blocks_per_row())
+    }
+
+    /// `x [m, cols]` times every matrix of `matrices` (all `cols` wide): one quantization of `x`,
+    /// one parallel sweep (and on AMX one packing) for all of them, as a layer's q/k/v or gate/up.
+    pub fn matmul_many(matrices: &[&Q8Matrix], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let Some(first) = matrices.first() else { return Vec::new() };
+        debug_assert!(matrices.iter().all(|w| w.cols == first.cols));
+        let xq = QuantizedRows::quantize_par(x, m, first.cols);
+        let x_rows = xq.row_ptrs();
+        let x_f32: Vec<*const f32> = x.chunks_exact(first.cols).map(|r| r.as_ptr()).collect();
+        let mut outs: Vec<Vec<f32>> = matrices.iter().map(|w| vec![0f32; m * w.rows]).collect();
+        let jobs: Vec<MatJob> = matrices
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(w, out)| MatJob { matrix: w, x_rows: &x_rows, x_f32: &x_f32, out: SendPtr(out.as_mut_ptr()), out_stride: w.rows })
+            .collect();
+        run_jobs(&jobs);
+        drop(jobs);
+        outs
     }
 
     /// `x [m, cols]` → `x Wᵀ [m, rows]`.
@@ -250,17 +289,37 @@ unsafe fn vnni_item(job: &MatJob, c0: usize, c1: usize, r0: usize, r1: usize) {
 /// throughout.
 #[cfg(target_arch = "x86_64")]
 fn run_jobs_amx(jobs: &[MatJob]) {
-    let packed: Vec<Option<amx::PackedRows>> = {
+    // Jobs over the same activation rows (a layer's q/k/v, an expert's gate and up) share one
+    // packing: `pack_of[j]` indexes `packs`.
+    let mut pack_of: Vec<Option<usize>> = Vec::with_capacity(jobs.len());
+    let mut sources: Vec<usize> = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        debug_assert_eq!(job.x_f32.len(), job.x_rows.len());
+        if job.x_rows.len() < amx::MIN_ROWS {
+            pack_of.push(None);
+            continue;
+        }
+        let same = |&s: &usize| {
+            let o = &jobs[s];
+            std::ptr::eq(o.x_f32, job.x_f32) && o.matrix.blocks_per_row() == job.matrix.blocks_per_row()
+        };
+        match sources.iter().position(same) {
+            Some(p) => pack_of.push(Some(p)),
+            None => {
+                pack_of.push(Some(sources.len()));
+                sources.push(j);
+            }
+        }
+    }
+    let packs: Vec<amx::PackedRows> = {
         let _span = crate::profile::span("amx pack activations");
-        jobs.par_iter()
-            .map(|j| {
-                debug_assert_eq!(j.x_f32.len(), j.x_rows.len());
-                // SAFETY: the job's f32 rows hold the matrix's columns each.
-                (j.x_rows.len() >= amx::MIN_ROWS)
-                    .then(|| unsafe { amx::PackedRows::pack(j.x_f32, j.matrix.blocks_per_row()) })
-            })
+        sources
+            .par_iter()
+            // SAFETY: the job's f32 rows hold the matrix's columns each.
+            .map(|&j| unsafe { amx::PackedRows::pack(jobs[j].x_f32, jobs[j].matrix.blocks_per_row()) })
             .collect()
     };
+    let packed: Vec<Option<&amx::PackedRows>> = pack_of.iter().map(|p| p.map(|i| &packs[i])).collect();
     let items =
         split_items(
             jobs,
@@ -275,7 +334,7 @@ fn run_jobs_amx(jobs: &[MatJob]) {
         );
     for_each_item(&items, |&Item { job: j, c0, c1, r0, r1 }| {
         let job = &jobs[j];
-        let Some(packed) = &packed[j] else {
+        let Some(packed) = packed[j] else {
             // SAFETY: as in `run_jobs`.
             unsafe { vnni_item(job, c0, c1, r0, r1) };
             return;

@@ -65,7 +65,10 @@ impl DenseMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+        let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.gate_proj, &self.up_proj], x)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("two projections"))?;
+        let h = (silu(&gate)? * up)?;
         self.down_proj.forward(&h)
     }
 }
