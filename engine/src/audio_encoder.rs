@@ -132,13 +132,18 @@ impl Conv2d {
             }
         });
         drop(gather);
-        // 2. [b·ho·wo, cin·9] · [cin·9, cout] → [b, cout, ho, wo].
+        // 2. [cout, cin·9] · [cin·9, b·ho·wo] → [cout, b, ho, wo]: channels first as it comes out,
+        //    so a single chunk (the streaming case) needs no transposing copy.
         let cols = Tensor::from_vec(cols, (b * ho * wo, k), x.device())?;
         let product = crate::profile::span("audio stem conv, f32 product");
-        let y = cols.matmul(&self.matrix.t()?)?;
+        let y = self.matrix.matmul(&cols.t()?)?;
         drop(product);
-        let _span = crate::profile::span("audio stem conv, to channels first");
-        Ok(y.reshape((b, ho, wo, cout))?.permute((0, 3, 1, 2))?.contiguous()?)
+        let y = y.reshape((cout, b, ho, wo))?;
+        if b == 1 {
+            return Ok(y.reshape((1, cout, ho, wo))?);
+        }
+        let _span = crate::profile::span("audio stem conv, to batch first");
+        Ok(y.transpose(0, 1)?.contiguous()?)
     }
 }
 
