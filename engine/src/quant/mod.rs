@@ -164,19 +164,7 @@ impl Q8Matrix {
 
     /// `x [m, cols]` → `x Wᵀ [m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let xq = QuantizedRows::quantize_par(x, m, self.cols);
-        let x_rows = xq.row_ptrs();
-        let x_f32: Vec<*const f32> = x.chunks_exact(self.cols).map(|r| r.as_ptr()).collect();
-        let mut out = vec![0f32; m * self.rows];
-        let jobs = [MatJob {
-            matrix: self,
-            x_rows: &x_rows,
-            x_f32: &x_f32,
-            out: SendPtr(out.as_mut_ptr()),
-            out_stride: self.rows,
-        }];
-        run_jobs(&jobs);
-        out
+        Self::matmul_many(&[self], x, m).pop().expect("one product")
     }
 }
 
