@@ -302,6 +302,24 @@ struct KvRows<'a> {
 
 /// `out += softmax(q·k_j · scale over j in rows) · v_j` (`out` starts at zero).
 fn attend(q: &[f32], kv: &KvRows<'_>, rows: std::ops::Range<usize>, scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX.
+        return unsafe { attend_avx(q, kv, rows, scale, out) };
+    }
+    attend_body(q, kv, rows, scale, out)
+}
+
+/// [`attend`] compiled for 256-bit vectors: the value sums (multiply, then add per element) and the
+/// dot products keep their bits, only the vector width changes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn attend_avx(q: &[f32], kv: &KvRows<'_>, rows: std::ops::Range<usize>, scale: f32, out: &mut [f32]) {
+    attend_body(q, kv, rows, scale, out)
+}
+
+#[inline(always)]
+fn attend_body(q: &[f32], kv: &KvRows<'_>, rows: std::ops::Range<usize>, scale: f32, out: &mut [f32]) {
     let at = |j: usize| j * kv.stride + kv.offset;
     let mut scores: Vec<f32> = rows.clone().map(|j| dot(q, &kv.keys[at(j)..][..kv.hd]) * scale).collect();
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -329,6 +329,19 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::silu(x)?)
 }
 
+/// `silu(gate) · up`, on the worker pool for CPU f32 tensors (candle's two element-wise ops run on
+/// one thread each): candle's own SiLU `g / (1 + e^(−g))`, then the product, so the same bits.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let host = gate.device().is_cpu() && gate.dtype() == DType::F32 && up.dtype() == DType::F32;
+    if !host || gate.dims() != up.dims() || gate.elem_count() < PARALLEL_NORM_ELEMENTS {
+        return Ok((silu(gate)? * up)?);
+    }
+    use rayon::prelude::*;
+    let (g, u) = (gate.flatten_all()?.to_vec1::<f32>()?, up.flatten_all()?.to_vec1::<f32>()?);
+    let h: Vec<f32> = g.par_iter().zip(&u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+    Ok(Tensor::from_vec(h, gate.dims(), gate.device())?)
+}
+
 /// LayerNorm with weight and bias (`torch.nn.LayerNorm`), computed in f32.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -458,4 +471,17 @@ mod gelu_tests {
             assert!((exp_cephes(x) - x.exp()).abs() <= 2.5e-7 * x.exp(), "exp({x}): {} vs {}", exp_cephes(x), x.exp());
         }
     }
+}
+
+#[cfg(test)]
+#[test]
+fn silu_mul_has_the_bits_of_candle_silu_then_mul() {
+    let n = PARALLEL_NORM_ELEMENTS + 7;
+    let g: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 * 0.01 - 10.0).collect();
+    let u: Vec<f32> = (0..n).map(|i| ((i * 104729) % 997) as f32 * 0.003 - 1.5).collect();
+    let dev = candle_core::Device::Cpu;
+    let (gt, ut) = (Tensor::from_vec(g, (1, n), &dev).unwrap(), Tensor::from_vec(u, (1, n), &dev).unwrap());
+    let ours = silu_mul(&gt, &ut).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = (silu(&gt).unwrap() * &ut).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(ours.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
 }

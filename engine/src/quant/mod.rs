@@ -148,8 +148,11 @@ impl Q8Matrix {
     pub fn matmul_many(matrices: &[&Q8Matrix], x: &[f32], m: usize) -> Vec<Vec<f32>> {
         let Some(first) = matrices.first() else { return Vec::new() };
         debug_assert!(matrices.iter().all(|w| w.cols == first.cols));
-        let xq = QuantizedRows::quantize_par(x, m, first.cols);
-        let x_rows = xq.row_ptrs();
+        // On AMX whole 16-row weight tiles take the f32 rows: no Q8_0 copy is needed when every
+        // matrix is made of whole tiles (the pointers below are then never read).
+        let amx_only = m >= AMX_MIN_ROWS && amx_available() && matrices.iter().all(|w| w.rows % AMX_TILE == 0);
+        let xq = if amx_only { QuantizedRows::default() } else { QuantizedRows::quantize_par(x, m, first.cols) };
+        let x_rows = if amx_only { vec![std::ptr::null(); m] } else { xq.row_ptrs() };
         let x_f32: Vec<*const f32> = x.chunks_exact(first.cols).map(|r| r.as_ptr()).collect();
         let mut outs: Vec<Vec<f32>> = matrices.iter().map(|w| vec![0f32; m * w.rows]).collect();
         let jobs: Vec<MatJob> = matrices
@@ -179,6 +182,13 @@ pub(crate) struct MatJob<'a> {
     pub out_stride: usize,
 }
 unsafe impl Sync for MatJob<'_> {}
+
+#[cfg(target_arch = "x86_64")]
+use amx::{MIN_ROWS as AMX_MIN_ROWS, TILE as AMX_TILE};
+#[cfg(not(target_arch = "x86_64"))]
+const AMX_MIN_ROWS: usize = usize::MAX;
+#[cfg(not(target_arch = "x86_64"))]
+const AMX_TILE: usize = 16;
 
 /// Activation rows per work item: more rows share each weight tile, but the item must stay small
 /// enough to balance.

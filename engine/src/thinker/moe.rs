@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
-use crate::nn::{silu, Linear};
+use crate::nn::{silu, silu_mul, Linear};
 use crate::quant::moe::Q8Experts;
 use crate::weights::{WeightMatrix, Weights};
 
@@ -68,7 +68,7 @@ impl DenseMlp {
         let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.gate_proj, &self.up_proj], x)?
             .try_into()
             .map_err(|_| anyhow::anyhow!("two projections"))?;
-        let h = (silu(&gate)? * up)?;
+        let h = silu_mul(&gate, &up)?;
         self.down_proj.forward(&h)
     }
 }
