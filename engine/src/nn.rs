@@ -100,6 +100,7 @@ impl Linear {
     /// Every layer of `layers` applied to the same `x`, as [`forward`](Self::forward) would one by
     /// one (same bits), in one product sweep when all are Q8_0 on the engine's kernels: `x` is
     /// quantized (and on AMX packed) once and the pool forks once, not three times for q/k/v.
+    /// (`forward` of one Q8_0 layer is this with one layer.)
     pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let matrices: Option<Vec<&Q8Matrix>> = layers.iter().map(|l| l.q8_matrix()).collect();
         let cols = matrices.as_ref().and_then(|m| m.first()).map(|m| m.cols);
@@ -108,9 +109,12 @@ impl Linear {
             return layers.iter().map(|l| l.forward(x)).collect();
         };
         let m = x.elem_count() / cols;
-        let _span = crate::profile::span(match m {
-            1 => "linear q8 shared input, 1 row",
-            2..=15 => "linear q8 shared input, 2-15 rows",
+        let _span = crate::profile::span(match (layers.len(), m) {
+            (1, 1) => "linear q8, 1 row",
+            (1, 2..=15) => "linear q8, 2-15 rows",
+            (1, _) => "linear q8, 16+ rows",
+            (_, 1) => "linear q8 shared input, 1 row",
+            (_, 2..=15) => "linear q8 shared input, 2-15 rows",
             _ => "linear q8 shared input, 16+ rows",
         });
         let rows = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -133,24 +137,9 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, x.dims()) {
-            (LinearWeight::Quantized { q8: Some(q8), out_dim, .. }, dims) if x.device().is_cpu() => {
-                let m = x.elem_count() / q8.cols;
-                let _span = crate::profile::span(match m {
-                    1 => "linear q8, 1 row",
-                    2..=15 => "linear q8, 2-15 rows",
-                    _ => "linear q8, 16+ rows",
-                });
-                let rows = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let mut shape = dims.to_vec();
-                *shape.last_mut().expect("a matmul input has dimensions") = *out_dim;
-                let mut y = q8.matmul(&rows, m);
-                // The bias on the plain floats (candle's broadcast add runs on one thread).
-                if let Some(b) = &self.bias {
-                    if add_host_bias(&mut y, b)? {
-                        return Ok(Tensor::from_vec(y, shape, x.device())?);
-                    }
-                }
-                Tensor::from_vec(y, shape, x.device())?
+            (LinearWeight::Quantized { q8: Some(_), .. }, _) if x.device().is_cpu() => {
+                // The one-layer case of the shared-input sweep (bias included).
+                return Self::forward_shared(&[self], x)?.pop().ok_or_else(|| anyhow::anyhow!("one product"));
             }
             (LinearWeight::Quantized { matmul, .. }, _) => {
                 let _span = crate::profile::span("linear candle QMatMul");
