@@ -198,18 +198,19 @@ impl Attention {
         let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
             .try_into()
             .map_err(|_| anyhow::anyhow!("three projections"))?;
-        let q = self.q_norm.forward(&q.reshape((b, t, self.num_heads, hd))?)?;
-        let k = self.k_norm.forward(&k.reshape((b, t, self.num_kv_heads, hd))?)?;
-        let v = v.reshape((b, t, self.num_kv_heads, hd))?;
-        let out = if x.device().is_cpu() && b == 1 {
+        let out = if x.device().is_cpu() && b == 1 && self.q_norm.on_host() && self.k_norm.on_host() {
             self.core_host(&q, &k, &v, rope, cache, layer, x.device())?
         } else {
+            let q = self.q_norm.forward(&q.reshape((b, t, self.num_heads, hd))?)?;
+            let k = self.k_norm.forward(&k.reshape((b, t, self.num_kv_heads, hd))?)?;
+            let v = v.reshape((b, t, self.num_kv_heads, hd))?;
             self.core_device(q, k, v, rope, mask, cache, layer)?
         };
         self.o_proj.forward(&out)
     }
 
-    /// Steps 2-4 on plain floats: `[1, t, heads·hd]`.
+    /// Steps 2-4 on plain floats from the projections `[1, t, heads·hd]` (q/k not yet normed):
+    /// `[1, t, heads·hd]`.
     #[allow(clippy::too_many_arguments)]
     fn core_host(
         &self,
@@ -227,9 +228,10 @@ impl Attention {
         let mut q = q.flatten_all()?.to_vec1::<f32>()?;
         let mut k = k.flatten_all()?.to_vec1::<f32>()?;
         let v = v.flatten_all()?.to_vec1::<f32>()?;
-        // 2. Rotary on the new rows (NeoX pairs: x[i] with x[i + hd/2]), then into the cache.
-        rotate(&mut q, nh, hd, &rope.cos_host, &rope.sin_host);
-        rotate(&mut k, nkv, hd, &rope.cos_host, &rope.sin_host);
+        // 2. Per head row: the q/k RMSNorm, then rotary (NeoX pairs: x[i] with x[i + hd/2]), in one
+        //    pass over the rows with the arithmetic of `RmsNorm::forward` and `rotate`; then into the cache.
+        norm_and_rotate(&mut q, nh, hd, &self.q_norm, rope);
+        norm_and_rotate(&mut k, nkv, hd, &self.k_norm, rope);
         let (keys, values) = cache.append_host(layer, &k, &v)?;
         let s = keys.len() / (nkv * hd);
         let past = s - t;
@@ -496,16 +498,37 @@ pub fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
 }
 
 /// `x [t, heads, hd]` rotated in place by `cos`/`sin` `[t, hd]`: `x·cos + rotate_half(x)·sin`.
+#[cfg(test)]
 fn rotate(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
-    let half = hd / 2;
     for (row, head) in x.chunks_exact_mut(hd).enumerate() {
         let at = (row / heads) * hd;
-        let (c, s) = (&cos[at..at + hd], &sin[at..at + hd]);
-        for i in 0..half {
-            let (a, b) = (head[i], head[i + half]);
-            head[i] = a * c[i] + (-b) * s[i];
-            head[i + half] = b * c[i + half] + a * s[i + half];
-        }
+        rotate_head(head, &cos[at..at + hd], &sin[at..at + hd]);
+    }
+}
+
+/// Rotary on one head row with its position's `cos`/`sin` rows.
+fn rotate_head(head: &mut [f32], c: &[f32], s: &[f32]) {
+    let half = head.len() / 2;
+    for i in 0..half {
+        let (a, b) = (head[i], head[i + half]);
+        head[i] = a * c[i] + (-b) * s[i];
+        head[i + half] = b * c[i + half] + a * s[i + half];
+    }
+}
+
+/// `x [t, heads, hd]`: each head row through `norm`, then rotated at its token's position; spread over
+/// the pool for a prefill's rows.
+fn norm_and_rotate(x: &mut [f32], heads: usize, hd: usize, norm: &RmsNorm, rope: &RopeRows) {
+    let (cos, sin) = (&rope.cos_host, &rope.sin_host);
+    let one = |(row, head): (usize, &mut [f32])| {
+        norm.norm_row(head);
+        let at = (row / heads) * hd;
+        rotate_head(head, &cos[at..at + hd], &sin[at..at + hd]);
+    };
+    if x.len() >= crate::nn::PARALLEL_ROWS_ELEMENTS {
+        x.par_chunks_mut(hd).enumerate().for_each(one);
+    } else {
+        x.chunks_exact_mut(hd).enumerate().for_each(one);
     }
 }
 

@@ -342,6 +342,8 @@ impl AudioEncoder {
             return Ok(Vec::new());
         }
         let _span = crate::profile::span("audio encoder stem");
+        let _stage = crate::profile::stage("audio encoder stem");
+        crate::quant::flush_denormals();
         // 1. [b, 1, bins, padded_frames], zero padded on the right.
         let mut data = vec![0f32; chunks.len() * bins * padded_frames];
         for (b, chunk) in chunks.iter().enumerate() {
@@ -380,6 +382,7 @@ impl AudioEncoder {
     }
 
     fn encode_stems_in_pool(&self, stems: &[Tensor], per_clip: &[usize], max_chunk_frames: usize) -> Result<AudioTokens> {
+        let _stage = crate::profile::stage("audio encoder layers");
         let nw = self.cfg.n_window;
         if stems.is_empty() {
             bail!("no audio chunks to encode");

@@ -295,14 +295,7 @@ impl RmsNorm {
         if dims.last() != Some(&dim) {
             anyhow::bail!("rms norm of width {dim} applied to a tensor of shape {dims:?}");
         }
-        let (w, eps) = (&self.weight_f32[..], self.eps as f32);
-        let norm_row = |row: &mut [f32]| {
-            let mean = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
-            let inv = 1.0 / (mean + eps).sqrt();
-            for (v, &g) in row.iter_mut().zip(w) {
-                *v = *v * inv * g;
-            }
-        };
+        let norm_row = |row: &mut [f32]| self.norm_row(row);
         if data.len() >= PARALLEL_NORM_ELEMENTS {
             use rayon::prelude::*;
             data.par_chunks_mut(dim).for_each(norm_row);
@@ -311,7 +304,26 @@ impl RmsNorm {
         }
         Ok(Tensor::from_vec(data, dims, x.device())?)
     }
+
+    /// Whether [`Self::norm_row`] can run (the weight is on the host).
+    pub fn on_host(&self) -> bool {
+        !self.weight_f32.is_empty()
+    }
+
+    /// One row (of the norm's width) in place, as [`Self::forward`] computes it on the CPU.
+    pub fn norm_row(&self, row: &mut [f32]) {
+        let (w, eps) = (&self.weight_f32[..], self.eps as f32);
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (mean + eps).sqrt();
+        for (v, &g) in row.iter_mut().zip(w) {
+            *v = *v * inv * g;
+        }
+    }
 }
+
+/// Elements at least before a row-wise pass ([`RmsNorm`], the attention's q/k preparation) is spread
+/// over the worker pool.
+pub const PARALLEL_ROWS_ELEMENTS: usize = PARALLEL_NORM_ELEMENTS;
 
 /// SiLU, `x * sigmoid(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {

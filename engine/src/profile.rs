@@ -6,13 +6,27 @@
 //! worker pool; nested spans each count their own time, so the table's rows overlap by design (a
 //! stage total and the operations inside it). With the variable unset a span is one relaxed load.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-/// Per name: calls and total nanoseconds, in first-seen order.
-static TOTALS: Mutex<Vec<(&'static str, u64, u128)>> = Mutex::new(Vec::new());
+/// Calls and total nanoseconds of one span name within one stage.
+struct Entry {
+    stage: Option<&'static str>,
+    name: &'static str,
+    calls: u64,
+    nanos: u128,
+}
+
+/// Per (stage, name), in first-seen order.
+static TOTALS: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 static FORCED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// The model stage this thread is running (see [`stage`]).
+    static STAGE: Cell<Option<&'static str>> = const { Cell::new(None) };
+}
 
 /// Whether spans are recorded (`OMNI_PROFILE` set to anything but `0`, or [`force`]).
 pub fn enabled() -> bool {
@@ -40,19 +54,42 @@ pub fn span(name: &'static str) -> Span {
 impl Drop for Span {
     fn drop(&mut self) {
         if let Some(start) = self.start {
-            record(self.name, start.elapsed().as_nanos());
+            record(STAGE.with(Cell::get), self.name, start.elapsed().as_nanos());
         }
     }
 }
 
-fn record(name: &'static str, nanos: u128) {
-    let Ok(mut totals) = TOTALS.lock() else { return };
-    match totals.iter_mut().find(|(n, _, _)| *n == name) {
-        Some(entry) => {
-            entry.1 += 1;
-            entry.2 += nanos;
+/// Marks the spans this thread records until the guard drops as belonging to `name` (a model stage:
+/// "talker prefill", "audio encoder"), so that operations shared by several stages (a Q8_0 product,
+/// an RMS norm) get one row per stage. Stages run their forward on one pool worker, where the guard
+/// is taken; nested stages take the inner name.
+pub fn stage(name: &'static str) -> StageGuard {
+    let previous = if enabled() { STAGE.with(|s| s.replace(Some(name))) } else { None };
+    StageGuard { previous, set: enabled() }
+}
+
+#[must_use = "the stage lasts until the guard is dropped"]
+pub struct StageGuard {
+    previous: Option<&'static str>,
+    set: bool,
+}
+
+impl Drop for StageGuard {
+    fn drop(&mut self) {
+        if self.set {
+            STAGE.with(|s| s.set(self.previous));
         }
-        None => totals.push((name, 1, nanos)),
+    }
+}
+
+fn record(stage: Option<&'static str>, name: &'static str, nanos: u128) {
+    let Ok(mut totals) = TOTALS.lock() else { return };
+    match totals.iter_mut().find(|e| e.stage == stage && e.name == name) {
+        Some(entry) => {
+            entry.calls += 1;
+            entry.nanos += nanos;
+        }
+        None => totals.push(Entry { stage, name, calls: 1, nanos }),
     }
 }
 
@@ -69,7 +106,14 @@ pub fn take() -> Vec<SpanTotal> {
     let Ok(mut totals) = TOTALS.lock() else { return Vec::new() };
     std::mem::take(&mut *totals)
         .into_iter()
-        .map(|(name, calls, nanos)| SpanTotal { name: name.to_string(), calls, total_ms: nanos as f64 / 1e6 })
+        .map(|e| SpanTotal {
+            name: match e.stage {
+                Some(stage) if stage != e.name => format!("{stage}: {}", e.name),
+                _ => e.name.to_string(),
+            },
+            calls: e.calls,
+            total_ms: e.nanos as f64 / 1e6,
+        })
         .collect()
 }
 
@@ -108,7 +152,15 @@ mod tests {
         }
         drop(span("profile test b"));
         let rows = take();
+        {
+            let _stage = stage("profile test stage");
+            drop(span("profile test b"));
+        }
+        drop(span("profile test b"));
+        let staged = take();
         force(false);
+        assert_eq!(staged.iter().find(|r| r.name == "profile test stage: profile test b").map(|r| r.calls), Some(1));
+        assert_eq!(staged.iter().find(|r| r.name == "profile test b").map(|r| r.calls), Some(1));
         let a = rows.iter().find(|r| r.name == "profile test a").expect("span a recorded");
         assert_eq!(a.calls, 3);
         assert!(a.total_ms >= 6.0, "three 2 ms sleeps took {} ms", a.total_ms);

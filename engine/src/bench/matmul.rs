@@ -57,6 +57,18 @@ pub struct MatmulBench {
     pub machine: MachineFacts,
     pub iters: usize,
     pub results: Vec<MatmulResult>,
+    /// Small pool operations timed back to back and after the pool sat idle, as between the
+    /// operations of a forward pass.
+    pub pool: Vec<PoolResult>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolResult {
+    pub name: &'static str,
+    pub back_to_back_ms: f64,
+    /// The same with the calling thread asleep for `idle_ms` before each call.
+    pub after_idle_ms: f64,
+    pub idle_ms: f64,
 }
 
 impl MatmulBench {
@@ -77,8 +89,30 @@ impl MatmulBench {
                 ),
             );
         }
+        for p in &self.pool {
+            t.row(
+                p.name,
+                format!("{:.3} ms", p.back_to_back_ms),
+                format!("back to back; {:.3} ms after {:.1} ms idle", p.after_idle_ms, p.idle_ms),
+            );
+        }
         t.render()
     }
+}
+
+/// Median time of `f` called right after the calling thread slept `idle` (the pool idle meanwhile).
+fn median_after_idle_ms(iters: usize, idle: std::time::Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..iters)
+        .map(|_| {
+            std::thread::sleep(idle);
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 fn random_values(len: usize, seed: u64) -> Vec<f32> {
@@ -159,5 +193,49 @@ pub fn bench_matmul(shapes: &[MatmulShape], iters: usize) -> Result<MatmulBench>
         one_thread_ms: one,
         one_thread_gmacs: macs / one / 1e6,
     });
-    Ok(MatmulBench { bench: "matmul", machine: MachineFacts::collect(), iters, results })
+    // 3. Small pool operations of a forward pass, back to back and after the pool sat idle for a
+    //    millisecond (idle workers go to sleep; waking them is part of every operation's latency).
+    let idle = std::time::Duration::from_millis(1);
+    let mut pool = Vec::new();
+    let threads = rayon::current_num_threads();
+    let empty = || {
+        crate::quant::in_pool(|| {
+            use rayon::prelude::*;
+            (0..threads).into_par_iter().for_each(|i| {
+                std::hint::black_box(i);
+            })
+        })
+    };
+    pool.push(PoolResult {
+        name: "empty parallel op over every thread",
+        back_to_back_ms: median_ms(iters, empty),
+        after_idle_ms: median_after_idle_ms(iters, idle, empty),
+        idle_ms: 1.0,
+    });
+    let gate = Tensor::from_vec(random_values(81 * 768, 5), (81, 768), &Device::Cpu)?;
+    let up = Tensor::from_vec(random_values(81 * 768, 6), (81, 768), &Device::Cpu)?;
+    let silu = || {
+        std::hint::black_box(crate::quant::in_pool(|| crate::nn::silu_mul(&gate, &up).expect("silu_mul")));
+    };
+    pool.push(PoolResult {
+        name: "SiLU·up of an 81-row Talker shared expert (81×768)",
+        back_to_back_ms: median_ms(iters, silu),
+        after_idle_ms: median_after_idle_ms(iters, idle, silu),
+        idle_ms: 1.0,
+    });
+    let shape = &shapes[shapes.len().min(6) - 1];
+    let w = Tensor::from_vec(random_values(shape.n * shape.k, 7), (shape.n, shape.k), &Device::Cpu)?;
+    let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?);
+    let matrix = Q8Matrix::view(&q).expect("a CPU Q8_0 matrix");
+    let x = random_values(shape.rows * shape.k, 8);
+    let product = || {
+        std::hint::black_box(crate::quant::in_pool(|| matrix.matmul(&x, shape.rows)));
+    };
+    pool.push(PoolResult {
+        name: shape.name,
+        back_to_back_ms: median_ms(iters, product),
+        after_idle_ms: median_after_idle_ms(iters, idle, product),
+        idle_ms: 1.0,
+    });
+    Ok(MatmulBench { bench: "matmul", machine: MachineFacts::collect(), iters, results, pool })
 }

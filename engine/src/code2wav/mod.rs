@@ -396,6 +396,7 @@ impl Code2Wav {
     }
 
     fn waveform_in_pool(&self, frames: &[Vec<u32>], clamp: bool) -> Result<Vec<f32>> {
+        let _stage = crate::profile::stage("code2wav");
         let device = self.code_embedding.device();
         let hidden = self.embed(frames, device)?;
         // 2. Pre-transformer: [1, t, h].

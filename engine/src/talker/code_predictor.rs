@@ -191,6 +191,7 @@ impl CodePredictor {
         code0_embed: &Tensor,
         sampler: &mut Sampler,
     ) -> Result<(Vec<u32>, Tensor)> {
+        let _stage = crate::profile::stage("code predictor");
         let mut cache = LayerCache::new(self.layers.len());
         // 1. Prefill on [past_hidden, code0 embedding]: [1, 2, H].
         let mut x = Tensor::cat(&[past_hidden, code0_embed], 1)?;

@@ -157,6 +157,7 @@ impl TalkerModel {
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let t = embeds.dim(1)?;
+        let _stage = crate::profile::stage(if t > 1 { "talker prefill" } else { "talker step" });
         let past = cache.len();
         // 1. Rotary tables and causal mask over [past + t].
         let (cos, sin) = self.rope.cos_sin(positions, &self.device)?;

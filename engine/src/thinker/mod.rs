@@ -184,6 +184,7 @@ impl ThinkerText {
         deepstack: Option<&Deepstack>,
     ) -> Result<ThinkerStep> {
         let t = embeds.dim(1)?;
+        let _stage = crate::profile::stage(if t > 1 { "thinker prefill" } else { "thinker decode" });
         let past = cache.len();
         // 1. Rotary tables for the new positions and the causal mask over [past + t].
         let (cos, sin) = self.rope.cos_sin(positions, &self.device)?;
