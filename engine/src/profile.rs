@@ -93,6 +93,18 @@ fn record(stage: Option<&'static str>, name: &'static str, nanos: u128) {
     }
 }
 
+/// Tells a `perf record --control fifo:FIFO` run to start (`"enable"`) or stop (`"disable"`)
+/// sampling, where `OMNI_PERF_CTL_FIFO` names that FIFO: the benches wrap their measured part so that
+/// a profile on a lent machine leaves out loading and the random weights. Does nothing without it.
+pub fn perf_control(command: &str) {
+    if let Some(path) = std::env::var_os("OMNI_PERF_CTL_FIFO") {
+        if let Ok(mut fifo) = std::fs::OpenOptions::new().write(true).open(path) {
+            use std::io::Write;
+            let _ = writeln!(fifo, "{command}");
+        }
+    }
+}
+
 /// One row of the table.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SpanTotal {

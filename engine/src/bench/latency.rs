@@ -167,6 +167,7 @@ pub fn bench_latency(opts: &LatencyBenchOptions) -> Result<LatencyBench> {
         timed_decode_step(&m.thinker, 1000, &mut cache)?;
     }
     let _ = crate::profile::take(); // OMNI_PROFILE: count the measured run only
+    crate::profile::perf_control("enable");
     let mut stages: Vec<Stage> = Vec::new();
     let layers = opts.layers;
     let plain = |name: &str, ms: f64, note: String| Stage {
@@ -363,6 +364,7 @@ pub fn bench_latency(opts: &LatencyBenchOptions) -> Result<LatencyBench> {
         talker_ms += ms_since(t);
     }
     let measured_wall_ms = ms_since(wall);
+    crate::profile::perf_control("disable");
     stages.push(plain(
         "code predictor",
         cp_ms,

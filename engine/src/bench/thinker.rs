@@ -190,6 +190,7 @@ pub fn bench_thinker(opts: &ThinkerBenchOptions) -> Result<ThinkerBench> {
         timed_decode_step(&thinker, 1000, &mut cache)?;
     }
     let _ = crate::profile::take(); // OMNI_PROFILE: count the measured run only
+    crate::profile::perf_control("enable");
     // 1. Prefill: embedding, layers in chunks, lm_head of the last position, argmax.
     let ids = text_ids(opts.prompt_tokens, opts.seed);
     let mut cache = thinker.new_cache();
@@ -209,6 +210,7 @@ pub fn bench_thinker(opts: &ThinkerBenchOptions) -> Result<ThinkerBench> {
         dl += l;
         dother += o;
     }
+    crate::profile::perf_control("disable");
     let g = opts.gen_tokens as f64;
     let decode = SplitMs::new(dl / g, dother / g, opts.layers);
     let extrapolated = opts.layers != REAL_THINKER_LAYERS;

@@ -237,6 +237,7 @@ impl LoadProgress for BarProgress {
 
 fn main() -> ExitCode {
     omni_engine::quant::keep_freed_memory();
+    omni_engine::quant::limit_candle_pool_spinning();
     omni_engine::quant::flush_denormals();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -60,6 +60,22 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Candle's element-wise operations on large tensors (a residual add of a prefill's rows, a
+/// broadcast multiply) run on candle's own worker pool, whose 15 threads then spin 25 000 `pause`
+/// iterations each — over a millisecond on recent Intel cores, where `pause` waits ~140 cycles —
+/// before they sleep. Two adds per decoder layer kept them spinning through a whole prefill, on the
+/// cores the engine's rayon workers needed: a profile of the latency bench on the lent Xeon found
+/// 18 % of all CPU time in that spin loop. This lets them spin only `SPIN` iterations (a few
+/// microseconds). Sets `CANDLE_BARRIER_POOL_SPIN_LIMIT` unless the environment already does: call
+/// at startup, before any thread starts (the CLI does).
+pub fn limit_candle_pool_spinning() {
+    const SPIN: &str = "64";
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Edition 2021: set_var is safe; the caller is still single-threaded.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", SPIN);
+    }
+}
+
 /// Whether the engine's own kernels run (CPU support and not switched off by `OMNI_CANDLE_MATMUL`).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
