@@ -100,21 +100,6 @@ impl MatmulBench {
     }
 }
 
-/// Median time of `f` called right after the calling thread slept `idle` (the pool idle meanwhile).
-fn median_after_idle_ms(iters: usize, idle: std::time::Duration, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut times: Vec<f64> = (0..iters)
-        .map(|_| {
-            std::thread::sleep(idle);
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
 fn random_values(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
@@ -127,12 +112,21 @@ fn random_values(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn median_ms(iters: usize, mut f: impl FnMut()) -> f64 {
+fn median_ms(iters: usize, f: impl FnMut()) -> f64 {
+    median_after_idle_ms(iters, std::time::Duration::ZERO, f)
+}
+
+/// Median time of `f` called right after the calling thread slept `idle` (the pool idle meanwhile;
+/// zero: back to back), after three untimed calls.
+fn median_after_idle_ms(iters: usize, idle: std::time::Duration, mut f: impl FnMut()) -> f64 {
     for _ in 0..3 {
         f();
     }
     let mut times: Vec<f64> = (0..iters)
         .map(|_| {
+            if !idle.is_zero() {
+                std::thread::sleep(idle);
+            }
             let t = Instant::now();
             f();
             t.elapsed().as_secs_f64() * 1e3
