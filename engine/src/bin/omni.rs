@@ -238,7 +238,8 @@ impl LoadProgress for BarProgress {
 fn main() -> ExitCode {
     omni_engine::quant::keep_freed_memory();
     omni_engine::quant::limit_candle_pool_spinning();
-    omni_engine::quant::flush_denormals();
+    // (Denormals are flushed by the first forward on the pool: starting the pool here would fix its
+    // size before `--threads` of the benches is read.)
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
