@@ -64,8 +64,9 @@ impl Drop for Span {
 /// an RMS norm) get one row per stage. Stages run their forward on one pool worker, where the guard
 /// is taken; nested stages take the inner name.
 pub fn stage(name: &'static str) -> StageGuard {
-    let previous = if enabled() { STAGE.with(|s| s.replace(Some(name))) } else { None };
-    StageGuard { previous, set: enabled() }
+    let set = enabled();
+    let previous = if set { STAGE.with(|s| s.replace(Some(name))) } else { None };
+    StageGuard { previous, set }
 }
 
 #[must_use = "the stage lasts until the guard is dropped"]

@@ -137,7 +137,8 @@ pub fn flush_denormals() {
         }
         // Queued on every worker without waiting (a blocking broadcast from inside the pool could
         // wait on a worker that waits on this one).
-        if !POOL.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        // A plain load first: every forward passes here, and only the first needs the swap.
+        if !POOL.load(std::sync::atomic::Ordering::Relaxed) && !POOL.swap(true, std::sync::atomic::Ordering::Relaxed) {
             rayon::spawn_broadcast(|_| {
                 if !SET.with(|s| s.replace(true)) {
                     set_here();
