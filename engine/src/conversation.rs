@@ -55,7 +55,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::Receiver;
 
 use crate::chat::{ChatMessage, ContentItem};
-use crate::code2wav::StreamingOptions;
+use crate::code2wav::{ChunkContext, StreamingOptions};
 use crate::generation::{FinishReason, SamplingParams};
 use crate::pipeline::OmniModel;
 use crate::speech::SpeechModels;
@@ -106,9 +106,14 @@ impl std::fmt::Debug for ConversationOptions {
 
 /// How answers are streamed: the first sound after the first Talker frame (57 ms of audio; each
 /// further frame waits for a Thinker token, a Talker step and the code predictor: ~0.17 s each on
-/// the lent 16-core CPU, and an 8-frame first chunk cost ~1 s more), then 8-frame chunks.
-pub const ANSWER_CHUNKING: StreamingOptions =
-    StreamingOptions { chunk_frames: 8, first_chunk_frames: 1, left_context: 25 };
+/// the lent 16-core CPU, and an 8-frame first chunk cost ~1 s more), then 8-frame chunks, every
+/// Code2Wav layer's state carried between chunks (each frame decoded once; the audio is the
+/// reference `forward`'s).
+pub const ANSWER_CHUNKING: StreamingOptions = StreamingOptions {
+    chunk_frames: 8,
+    first_chunk_frames: 1,
+    context: ChunkContext::Carried,
+};
 
 impl ConversationOptions {
     /// The checkpoint's sampling (generation_config.json), the reference Talker sampling (seed 0),

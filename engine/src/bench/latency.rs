@@ -35,7 +35,7 @@ use super::thinker::{text_ids, timed_decode_step, timed_prefill, SplitMs};
 use crate::audio::stream::StreamingAudioEncoder;
 use crate::audio::MelConfig;
 use crate::audio_encoder::{expand_audio_pads, scatter_audio, AudioEncoder};
-use crate::code2wav::streaming::StreamingOptions;
+use crate::code2wav::streaming::{ChunkContext, StreamingOptions};
 use crate::code2wav::Code2Wav;
 use crate::config::OmniConfig;
 use crate::talker::input::{AcceptedState, SpecialIds, ThinkerStates};
@@ -49,7 +49,8 @@ pub struct LatencyBenchOptions {
     pub layers: usize,
     pub chunk_frames: usize,
     pub first_chunk_frames: usize,
-    pub left_context: usize,
+    /// Code2Wav frames re-decoded before each chunk; `None`: layer state carried (the product's).
+    pub left_context: Option<usize>,
     pub seed: u64,
     /// Prefill the system prompt and the user turn's opening before the end of speech, as
     /// `Conversation::prime` does in the product (false: everything after the end of speech).
@@ -66,7 +67,7 @@ impl Default for LatencyBenchOptions {
             layers: REAL_THINKER_LAYERS,
             chunk_frames: s.chunk_frames,
             first_chunk_frames: s.first_chunk_frames,
-            left_context: s.left_context,
+            left_context: s.left_context(),
             seed: 1,
             prime: true,
         }
@@ -320,7 +321,7 @@ pub fn bench_latency(opts: &LatencyBenchOptions) -> Result<LatencyBench> {
     let mut c2w = m.code2wav.streaming(StreamingOptions {
         chunk_frames: opts.chunk_frames,
         first_chunk_frames: opts.first_chunk_frames,
-        left_context: opts.left_context,
+        context: opts.left_context.map_or(ChunkContext::Carried, ChunkContext::Redecoded),
     })?;
     let (mut cp_ms, mut talker_ms) = (0.0, 0.0);
     let c2w_ms;

@@ -28,7 +28,8 @@ pub struct SpeechBenchOptions {
     /// Rows of the Talker prefill (user turn + 9 assistant rows).
     pub prefill_rows: usize,
     pub chunk_frames: usize,
-    pub left_context: usize,
+    /// Code2Wav frames re-decoded before each chunk; `None`: layer state carried (the product's).
+    pub left_context: Option<usize>,
     pub seed: u64,
 }
 
@@ -41,7 +42,7 @@ impl Default for SpeechBenchOptions {
             frames: 100,
             prefill_rows: 80,
             chunk_frames: s.chunk_frames,
-            left_context: s.left_context,
+            left_context: s.left_context(),
             seed: 1,
         }
     }
@@ -57,7 +58,8 @@ pub struct SpeechBench {
     pub audio_seconds: f64,
     pub prefill_rows: usize,
     pub chunk_frames: usize,
-    pub left_context: usize,
+    /// `None`: Code2Wav's layer state carried between chunks.
+    pub left_context: Option<usize>,
     pub talker_prefill_ms: f64,
     /// One Talker decode step (`feed`).
     pub talker_ms_per_frame: f64,
@@ -114,7 +116,10 @@ pub fn bench_speech(opts: &SpeechBenchOptions) -> Result<SpeechBench> {
     let h = tcfg.text_config.hidden_size;
     let prefill = random_rows(opts.prefill_rows, h, &device)?;
     let text_row = random_rows(1, h, &device)?;
-    let sopts = StreamingOptions::uniform(opts.chunk_frames, opts.left_context);
+    let sopts = match opts.left_context {
+        Some(n) => StreamingOptions::uniform(opts.chunk_frames, n),
+        None => StreamingOptions::carried(opts.chunk_frames),
+    };
     let mut c2w = code2wav.streaming(sopts)?;
     let spf = code2wav.samples_per_frame();
     let rate = code2wav.sample_rate() as f64;
@@ -252,10 +257,10 @@ impl SpeechBench {
         t.row(
             "code2wav",
             format!("{:.1} ms/s audio", self.code2wav_ms_per_audio_second),
-            format!(
-                "chunks of {} frames, left context {}",
-                self.chunk_frames, self.left_context
-            ),
+            match self.left_context {
+                Some(n) => format!("chunks of {} frames, {n} frames re-decoded before each", self.chunk_frames),
+                None => format!("chunks of {} frames, layer state carried", self.chunk_frames),
+            },
         );
         t.row(
             "code2wav first chunk",

@@ -15,7 +15,7 @@
 //!   `(len - 1)·s`, one input step shorter than `len·s`.
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::nn::Linear;
 use crate::weights::Weights;
@@ -121,17 +121,44 @@ impl CausalConv1d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let len = x.dim(D::Minus1)?;
+        // 1. Causal padding: [b, in, len] → [b, in, left + len + extra].
+        let extra = extra_padding(len, self.kernel_eff(), self.stride);
+        let xp = x.pad_with_zeros(D::Minus1, self.left_padding(), extra)?;
+        self.forward_padded(&xp, causal_conv_len(len, self.kernel_eff(), self.stride))
+    }
+
+    /// Zeros standing for the causal padding before a stream's first column: the `tail` that
+    /// [`step`](Self::step) starts from, `[1, in, kernel_eff - 1]`.
+    pub fn initial_tail(&self, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::zeros((1, self.in_channels, self.kernel_eff() - 1), DType::F32, device)?)
+    }
+
+    /// Streaming (stride 1): the outputs for the new columns `x` `[1, in, n]`, with `tail` the last
+    /// `kernel_eff - 1` input columns before them (from [`initial_tail`](Self::initial_tail), then
+    /// from the previous step), which this advances. The outputs equal [`forward`](Self::forward)'s
+    /// at those columns of the whole stream.
+    pub fn step(&self, tail: &mut Tensor, x: &Tensor) -> Result<Tensor> {
+        ensure!(self.stride == 1, "streaming causal conv needs stride 1, not {}", self.stride);
+        let (n, keep) = (x.dim(D::Minus1)?, self.kernel_eff() - 1);
+        if keep == 0 {
+            return self.forward_padded(x, n);
+        }
+        let xp = Tensor::cat(&[&*tail, x], D::Minus1)?;
+        let y = self.forward_padded(&xp, n)?;
+        *tail = xp.narrow(D::Minus1, n, keep)?;
+        Ok(y)
+    }
+
+    /// The convolution of an already padded input: `[b, in, ·]` → `[b, out, out_len]`.
+    fn forward_padded(&self, xp: &Tensor, out_len: usize) -> Result<Tensor> {
         let _span = crate::profile::span("code2wav causal conv");
-        let (b, c, len) = x.dims3()?;
+        let (b, c, _) = xp.dims3()?;
         ensure!(
             c == self.in_channels,
             "causal conv expects {} channels, got {c}",
             self.in_channels
         );
-        // 1. Causal padding: [b, in, len] → [b, in, left + len + extra].
-        let extra = extra_padding(len, self.kernel_eff(), self.stride);
-        let xp = x.pad_with_zeros(D::Minus1, self.left_padding(), extra)?;
-        let out_len = causal_conv_len(len, self.kernel_eff(), self.stride);
         // 2. The convolution: [b, out, out_len].
         let y = if self.groups == self.in_channels
             && self.in_channels == self.out_channels
@@ -180,6 +207,15 @@ impl CausalConv1d {
     }
 }
 
+/// What a streaming [`CausalTransConv1d::step`] carries: the untrimmed output samples still
+/// waiting for the next input step's share (no bias yet) and what is left to trim at the start.
+#[derive(Debug, Clone, Default)]
+pub struct TransConvState {
+    pending: Option<Tensor>,
+    /// `None`: nothing emitted yet (`kernel - stride` to trim).
+    to_trim: Option<usize>,
+}
+
 /// `Qwen3OmniMoeCausalTransConvNet`: `nn.ConvTranspose1d` with `kernel - stride` samples trimmed
 /// from both ends.
 #[derive(Debug, Clone)]
@@ -226,6 +262,48 @@ impl CausalTransConv1d {
         Ok(Self { weight, columns, out_channels, bias, kernel, stride })
     }
 
+    /// Streaming: the output samples that the new input steps `x` `[1, in, n]` complete (`None`
+    /// when none yet), equal to [`forward`](Self::forward)'s samples there for the whole stream.
+    /// Sample `m` of the untrimmed output takes input steps `t` with `t·s <= m < t·s + k`, so after
+    /// the new steps everything before `(steps so far)·s` is final; the `k - s` samples after it
+    /// wait in `state` for the next step's share, and the first `k - s` of the stream are trimmed.
+    pub fn step(&self, state: &mut TransConvState, x: &Tensor) -> Result<Option<Tensor>> {
+        let n = x.dim(D::Minus1)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let (k, s) = (self.kernel, self.stride);
+        let _span = crate::profile::span("code2wav transposed conv");
+        // 1. The new steps' contributions: [1, out, (n - 1)·s + k].
+        let mut full = self.untrimmed(x, n)?;
+        // 2. Plus the previous steps' share of the first `k - s` samples (added after the new
+        //    share, as `forward` sums them: bit for bit the same).
+        if let Some(pending) = state.pending.take() {
+            let head = (full.narrow(D::Minus1, 0, k - s)? + pending)?;
+            full = Tensor::cat(&[&head, &full.narrow(D::Minus1, k - s, (n - 1) * s + s)?], D::Minus1)?;
+        }
+        if k > s {
+            state.pending = Some(full.narrow(D::Minus1, n * s, k - s)?);
+        }
+        // 3. The final samples with their bias, less what the stream's start trims.
+        let trim = state.to_trim.unwrap_or(k - s).min(n * s);
+        state.to_trim = Some(state.to_trim.unwrap_or(k - s) - trim);
+        if trim == n * s {
+            return Ok(None);
+        }
+        let done = full.narrow(D::Minus1, trim, n * s - trim)?.broadcast_add(&self.bias)?;
+        Ok(Some(done))
+    }
+
+    /// `[b, in, len]` → `[b, out, (len - 1)·s + k]`, before bias and trimming.
+    fn untrimmed(&self, x: &Tensor, len: usize) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            self.overlap_add(x, len)
+        } else {
+            Ok(x.contiguous()?.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?)
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let len = x.dim(D::Minus1)?;
         let Some(out_len) = trans_conv_len(len, self.kernel, self.stride) else {
@@ -237,12 +315,7 @@ impl CausalTransConv1d {
         };
         let _span = crate::profile::span("code2wav transposed conv");
         // 1. [b, in, len] → [b, out, (len - 1)·s + k].
-        let y = if x.device().is_cpu() && x.dtype() == DType::F32 {
-            self.overlap_add(x, len)?
-        } else {
-            x.contiguous()?.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?
-        };
-        let y = y.broadcast_add(&self.bias)?;
+        let y = self.untrimmed(x, len)?.broadcast_add(&self.bias)?;
         // 2. Trim `k - s` on both sides: [b, out, out_len].
         Ok(y.narrow(D::Minus1, self.kernel - self.stride, out_len)?)
     }
@@ -377,6 +450,21 @@ impl ConvNeXtBlock {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // 1. Depthwise causal conv: [b, c, t].
         let h = self.dwconv.forward(x)?;
+        self.after_dwconv(x, h)
+    }
+
+    /// Streaming over new columns `x`: the depthwise conv carries `tail` (see [`CausalConv1d::step`]),
+    /// the rest is per column.
+    pub fn step(&self, tail: &mut Tensor, x: &Tensor) -> Result<Tensor> {
+        let h = self.dwconv.step(tail, x)?;
+        self.after_dwconv(x, h)
+    }
+
+    pub fn initial_tail(&self, device: &Device) -> Result<Tensor> {
+        self.dwconv.initial_tail(device)
+    }
+
+    fn after_dwconv(&self, x: &Tensor, h: Tensor) -> Result<Tensor> {
         // 2. Channels last, LayerNorm, MLP: [b, t, c] → [b, t, 4c] → [b, t, c].
         let h = h.transpose(1, 2)?.contiguous()?;
         let h = self.norm.forward(&h)?;
@@ -412,6 +500,21 @@ impl ResidualUnit {
         let h = self.conv2.forward(&self.act2.forward(&h)?)?;
         Ok((h + x)?)
     }
+
+    /// Streaming: only the dilated conv looks back (`tail`); the kernel-1 conv does not.
+    fn step(&self, tail: &mut Tensor, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.step(tail, &self.act1.forward(x)?)?;
+        let h = self.conv2.forward(&self.act2.forward(&h)?)?;
+        Ok((h + x)?)
+    }
+}
+
+/// What a streaming [`DecoderBlock::step`] carries between calls.
+#[derive(Debug, Clone)]
+pub struct DecoderBlockState {
+    upsample: TransConvState,
+    /// One conv tail per residual unit.
+    units: Vec<Tensor>,
 }
 
 /// `Qwen3OmniMoeCode2WavDecoderBlock`: Snake, transposed conv (kernel `2r`, stride `r`) halving the
@@ -445,6 +548,28 @@ impl DecoderBlock {
             h = unit.forward(&h)?;
         }
         Ok(h)
+    }
+
+    pub fn initial_state(&self, device: &Device) -> Result<DecoderBlockState> {
+        Ok(DecoderBlockState {
+            upsample: TransConvState::default(),
+            units: self
+                .units
+                .iter()
+                .map(|u| u.conv1.initial_tail(device))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Streaming: the samples that the new columns `x` complete (see [`CausalTransConv1d::step`]).
+    pub fn step(&self, state: &mut DecoderBlockState, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(mut h) = self.upsample.step(&mut state.upsample, &self.snake.forward(x)?)? else {
+            return Ok(None);
+        };
+        for (unit, tail) in self.units.iter().zip(&mut state.units) {
+            h = unit.step(tail, &h)?;
+        }
+        Ok(Some(h))
     }
 }
 
@@ -582,6 +707,64 @@ mod tests {
                     (g - w).abs() < 1e-4,
                     "{c_in}->{c_out} k{k} d{dil} g{groups}: {g} vs {w}"
                 );
+            }
+        }
+    }
+
+    /// Equal shapes, values equal to the products' rounding (their blocking depends on the width).
+    fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: channels");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.len(), w.len(), "{what}: length");
+            for (a, b) in g.iter().zip(w) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// Streams `x` `[1, c, len]` through `step` in chunks of the given sizes, concatenating outputs.
+    fn streamed(x: &Tensor, chunks: &[usize], mut step: impl FnMut(&Tensor) -> Option<Tensor>) -> Vec<Vec<f32>> {
+        let mut at = 0;
+        let mut parts = Vec::new();
+        for &n in chunks {
+            if let Some(y) = step(&x.narrow(2, at, n).unwrap()) {
+                parts.push(y);
+            }
+            at += n;
+        }
+        assert_eq!(at, x.dim(2).unwrap());
+        Tensor::cat(&parts, 2).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+    }
+
+    #[test]
+    fn streaming_steps_equal_the_whole_sequence() {
+        let dev = Device::Cpu;
+        let (c_in, c_out, len) = (4, 3, 23);
+        let chunkings: [&[usize]; 4] = [&[23], &[1; 23], &[1, 2, 5, 15], &[7, 7, 7, 2]];
+        let x = Tensor::from_vec(pseudo(c_in * len, 5), (1, c_in, len), &dev).unwrap();
+        // Causal convs: dense dilated, depthwise, kernel 1.
+        for (c_out, k, dil, groups) in [(c_out, 7, 3, 1), (c_in, 7, 1, c_in), (c_out, 1, 1, 1)] {
+            let conv = conv_from(pseudo(c_out * (c_in / groups) * k, 6), c_in, c_out, k, dil, groups);
+            let whole = conv.forward(&x).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+            for chunks in chunkings {
+                let mut tail = conv.initial_tail(&dev).unwrap();
+                let got = streamed(&x, chunks, |xs| Some(conv.step(&mut tail, xs).unwrap()));
+                assert_close(&got, &whole, &format!("conv k{k} d{dil} g{groups}, chunks {chunks:?}"));
+            }
+        }
+        // Transposed convs: decoder-block geometry (k = 2s, trimmed) and upsampling (k = s).
+        for (k, s) in [(6, 3), (16, 8), (2, 2)] {
+            let conv = CausalTransConv1d::from_tensors(
+                Tensor::from_vec(pseudo(c_in * c_out * k, 7), (c_in, c_out, k), &dev).unwrap(),
+                Tensor::from_vec(pseudo(c_out, 8), (1, c_out, 1), &dev).unwrap(),
+                s,
+            )
+            .unwrap();
+            let whole = conv.forward(&x).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+            for chunks in chunkings {
+                let mut state = TransConvState::default();
+                let got = streamed(&x, chunks, |xs| conv.step(&mut state, xs).unwrap());
+                assert_close(&got, &whole, &format!("transposed conv k{k} s{s}, chunks {chunks:?}"));
             }
         }
     }

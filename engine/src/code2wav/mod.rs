@@ -24,6 +24,7 @@
 //! `lag` samples are lost at every chunk boundary (the stream jumps ahead there). The streaming
 //! decoder ([`StreamingCode2Wav`]) keeps those samples and matches [`Code2Wav::decode`]'s length.
 
+pub mod carried;
 pub mod conv;
 pub mod streaming;
 pub mod transformer;
@@ -38,7 +39,8 @@ use conv::{
 };
 use transformer::PreTransformer;
 
-pub use streaming::{StreamingCode2Wav, StreamingOptions};
+pub use carried::CarriedState;
+pub use streaming::{ChunkContext, StreamingCode2Wav, StreamingOptions};
 
 /// Codec frames per second of Qwen3-Omni's codec (80 ms frames).
 pub const CODEC_FRAME_RATE_HZ: f64 = 12.5;

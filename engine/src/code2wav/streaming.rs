@@ -1,16 +1,32 @@
-//! Streaming Code2Wav: audio for codec frames as they arrive, in small chunks with left context.
+//! Streaming Code2Wav: audio for codec frames as they arrive, in chunks.
 //!
-//! Like the reference's `Qwen3OmniMoeCode2Wav.chunked_decode`, each chunk of new frames is decoded
-//! together with up to `left_context` frames before it, and the audio of the context is dropped.
-//! Unlike it, the cut is placed where the previous chunk's audio ended (`lag` samples before the
-//! context's end, see [`Code2Wav::lag_samples`]) rather than at the context's end, so no samples go
-//! missing: after [`finish`](StreamingCode2Wav::finish) the stream has exactly the length of
-//! [`Code2Wav::decode`], and differs from it only where the truncated left context reaches (the
-//! sliding-window attention and the conv receptive fields).
+//! Two ways to give a chunk the past it depends on ([`ChunkContext`]):
+//! - **carried** (the default, what answers are spoken with): every layer keeps its state between
+//!   chunks ([`super::carried`]); each frame is decoded once and the audio equals
+//!   [`Code2Wav::decode`] of all frames, whatever the chunking;
+//! - **re-decoded**, like the reference's `Qwen3OmniMoeCode2Wav.chunked_decode`: each chunk of new
+//!   frames is decoded together with up to `left_context` frames before it, and the audio of the
+//!   context is dropped. Unlike it, the cut is placed where the previous chunk's audio ended (`lag`
+//!   samples before the context's end, see [`Code2Wav::lag_samples`]) rather than at the context's
+//!   end, so no samples go missing: after [`finish`](StreamingCode2Wav::finish) the stream has
+//!   exactly the length of [`Code2Wav::decode`], and differs from it only where the truncated left
+//!   context reaches (the sliding-window attention and the conv receptive fields).
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
+use super::carried::CarriedState;
 use super::{Code2Wav, CodecFrames};
+
+/// Where a chunk's left context comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkContext {
+    /// Each layer's state carried from the previous chunk: exact, each frame decoded once.
+    Carried,
+    /// This many already-decoded frames decoded again before each chunk (the reference's
+    /// `chunked_decode` uses 25, 2 s), their audio dropped. At least one frame (the `lag` samples
+    /// come from it).
+    Redecoded(usize),
+}
 
 /// Chunking of a [`StreamingCode2Wav`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,26 +35,41 @@ pub struct StreamingOptions {
     pub chunk_frames: usize,
     /// Frames of the first chunk: the time to the first sound is this many Talker frames (and as
     /// many Thinker tokens), so a voice assistant wants it small; later chunks can be longer,
-    /// which costs less re-decoded context per second of audio. Default 12.
+    /// which costs less per-call overhead. Default 12.
     pub first_chunk_frames: usize,
-    /// Already-decoded frames re-decoded before each chunk, whose audio is dropped. Default 25 (2 s),
-    /// as the reference's `chunked_decode`. At least one frame (the `lag` samples come from it).
-    pub left_context: usize,
+    pub context: ChunkContext,
 }
 
 impl Default for StreamingOptions {
     fn default() -> Self {
-        Self::uniform(12, 25)
+        Self::carried(12)
     }
 }
 
 impl StreamingOptions {
-    /// Every chunk `chunk_frames` long, the first too.
+    /// Every chunk `chunk_frames` long, the first too, each re-decoding `left_context` frames.
     pub fn uniform(chunk_frames: usize, left_context: usize) -> Self {
         Self {
             chunk_frames,
             first_chunk_frames: chunk_frames,
-            left_context,
+            context: ChunkContext::Redecoded(left_context),
+        }
+    }
+
+    /// Every chunk `chunk_frames` long, the first too, with the layers' state carried.
+    pub fn carried(chunk_frames: usize) -> Self {
+        Self {
+            chunk_frames,
+            first_chunk_frames: chunk_frames,
+            context: ChunkContext::Carried,
+        }
+    }
+
+    /// The re-decoded frames per chunk (`None`: carried state).
+    pub fn left_context(&self) -> Option<usize> {
+        match self.context {
+            ChunkContext::Carried => None,
+            ChunkContext::Redecoded(n) => Some(n),
         }
     }
 }
@@ -50,10 +81,13 @@ pub struct StreamingCode2Wav<'a> {
     model: &'a Code2Wav,
     opts: StreamingOptions,
     clamp: bool,
-    /// The last `left_context` decoded frames followed by the pending (not yet decoded) ones.
+    /// Re-decoded context: the last `left_context` decoded frames followed by the pending (not yet
+    /// decoded) ones. Carried state: the pending ones.
     window: Vec<Vec<u32>>,
     /// Absolute index of `window[0]`.
     window_start: usize,
+    /// Every layer's state after the decoded frames (carried context only).
+    carried: Option<CarriedState>,
     /// Frames received.
     received: usize,
     /// Frames whose audio has been emitted (up to the `lag` tail).
@@ -70,17 +104,23 @@ impl<'a> StreamingCode2Wav<'a> {
         );
         let (spf, lag) = (model.samples_per_frame(), model.lag_samples());
         let min_context = lag.div_ceil(spf).max(1);
-        ensure!(
-            opts.left_context >= min_context,
-            "streaming Code2Wav: left_context must be at least {min_context} frame(s), got {}",
-            opts.left_context
-        );
+        if let ChunkContext::Redecoded(left_context) = opts.context {
+            ensure!(
+                left_context >= min_context,
+                "streaming Code2Wav: left_context must be at least {min_context} frame(s), got {left_context}"
+            );
+        }
+        let carried = match opts.context {
+            ChunkContext::Carried => Some(model.carried_state()?),
+            ChunkContext::Redecoded(_) => None,
+        };
         Ok(Self {
             model,
             opts,
             clamp: true,
             window: Vec::new(),
             window_start: 0,
+            carried,
             received: 0,
             decoded: 0,
             emitted: 0,
@@ -146,11 +186,23 @@ impl<'a> StreamingCode2Wav<'a> {
         }
     }
 
-    /// Decodes `[decoded - context, received)` and returns the samples after those already emitted.
+    /// Decodes the pending frames and returns the samples after those already emitted.
     fn decode_pending(&mut self) -> Result<Vec<f32>> {
+        if let Some(state) = &mut self.carried {
+            let out = self.model.waveform_carried(state, &self.window, self.clamp)?;
+            self.emitted += out.len();
+            self.decoded = self.received;
+            self.window_start = self.received;
+            self.window.clear();
+            return Ok(out);
+        }
+        let left_context = self
+            .opts
+            .left_context()
+            .context("streaming Code2Wav: carried context without its state")?;
         let spf = self.model.samples_per_frame();
         // 1. The window: up to `left_context` decoded frames, then the pending ones.
-        let first = self.decoded.saturating_sub(self.opts.left_context);
+        let first = self.decoded.saturating_sub(left_context);
         debug_assert!(first >= self.window_start);
         let wave = self
             .model
@@ -166,7 +218,7 @@ impl<'a> StreamingCode2Wav<'a> {
         self.emitted += out.len();
         self.decoded = self.received;
         // 3. Keep only the next chunk's left context.
-        let keep_from = self.decoded.saturating_sub(self.opts.left_context);
+        let keep_from = self.decoded.saturating_sub(left_context);
         self.window.drain(..keep_from - self.window_start);
         self.window_start = keep_from;
         Ok(out)

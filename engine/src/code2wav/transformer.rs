@@ -6,8 +6,11 @@
 //! `Qwen3OmniMoeCode2WavAttention`, `Qwen3OmniMoeCode2WavMlp`, `Qwen3OmniMoeCode2WavRMSNorm`,
 //! `Qwen3OmniMoeCode2WavLayerScale`, with `Qwen3OmniMoeRotaryEmbedding` (default rope, NeoX
 //! `rotate_half` pairing) and `create_sliding_window_causal_mask` (query `i` sees keys
-//! `i - window < j <= i`). No q/k norm (the reference's are `nn.Identity`), no KV cache: Code2Wav
-//! always runs on a whole window of frames. Checkpoint paths: `code2wav.pre_transformer.*`.
+//! `i - window < j <= i`). No q/k norm (the reference's are `nn.Identity`). The whole-sequence
+//! [`PreTransformer::forward`] is the reference; [`PreTransformer::forward_carried`] runs new frames
+//! against the keys/values of the last `window - 1` frames kept from earlier calls ([`KvWindow`]),
+//! which is the same attention (nothing older is visible). Checkpoint paths:
+//! `code2wav.pre_transformer.*`.
 
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
@@ -19,10 +22,17 @@ use crate::weights::Weights;
 
 /// Additive mask `[t, t]`: 0 where key `j` is visible to query `i` (`i - window < j <= i`), else -inf.
 pub fn sliding_window_mask(t: usize, window: usize, device: &Device) -> Result<Tensor> {
+    sliding_window_mask_after(t, 0, window, device)
+}
+
+/// Additive mask `[t, past + t]` for `t` queries following `past` earlier keys: query `i` sits at
+/// key index `past + i` and sees keys `j` with `past + i - window < j <= past + i`.
+pub fn sliding_window_mask_after(t: usize, past: usize, window: usize, device: &Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..t)
         .flat_map(|i| {
-            (0..t).map(move |j| {
-                if j <= i && j + window > i {
+            let at = past + i;
+            (0..past + t).map(move |j| {
+                if j <= at && j + window > at {
                     0.0
                 } else {
                     f32::NEG_INFINITY
@@ -30,7 +40,32 @@ pub fn sliding_window_mask(t: usize, window: usize, device: &Device) -> Result<T
             })
         })
         .collect();
-    Ok(Tensor::from_vec(data, (t, t), device)?)
+    Ok(Tensor::from_vec(data, (t, past + t), device)?)
+}
+
+/// Keys (after rotary) and values of the last frames of one layer, `[b, kv_heads, frames, head_dim]`,
+/// carried from one [`PreTransformer::forward_carried`] call to the next.
+#[derive(Debug, Clone, Default)]
+pub struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl LayerKv {
+    fn frames(&self) -> Result<usize> {
+        Ok(match &self.k {
+            Some(k) => k.dim(2)?,
+            None => 0,
+        })
+    }
+}
+
+/// What [`PreTransformer::forward_carried`] keeps between calls: the next frame's position and every
+/// layer's keys/values of the last `sliding_window - 1` frames.
+#[derive(Debug, Clone, Default)]
+pub struct KvWindow {
+    position: usize,
+    layers: Vec<LayerKv>,
 }
 
 /// `Qwen3OmniMoeCode2WavAttention`: multi-head (optionally grouped) causal attention with rotary.
@@ -66,7 +101,16 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `past` holds the keys/values before `x`'s frames (empty for a whole sequence) and gets
+    /// `x`'s appended; `mask` is `[t, past + t]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        past: &mut LayerKv,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         // 1. Projections: [b, t, heads·hd] → [b, heads, t, hd].
@@ -91,18 +135,26 @@ impl Attention {
         // 2. Rotary positions 0..t.
         let q = apply_rotary(&q, cos, sin)?;
         let k = apply_rotary(&k, cos, sin)?;
-        // 3. Grouped heads: [b, kv, groups·t, hd] against [b, kv, t, hd], sliding-window causal mask.
+        // 3. Earlier frames' keys/values first: [b, kv, past + t, hd].
+        let (k, v) = match (past.k.take(), past.v.take()) {
+            (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            _ => (k, v),
+        };
+        let keys = k.dim(2)?;
+        past.k = Some(k.clone());
+        past.v = Some(v.clone());
+        // 4. Grouped heads: [b, kv, groups·t, hd] against [b, kv, keys, hd], sliding-window causal mask.
         let groups = self.num_heads / self.num_kv_heads;
         let q = q.reshape((b, self.num_kv_heads, groups * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let mask = mask
             .unsqueeze(0)?
-            .expand((groups, t, t))?
-            .reshape((groups * t, t))?;
+            .expand((groups, t, keys))?
+            .reshape((groups * t, keys))?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
         let out = probs.matmul(&v)?; // [b, kv, groups·t, hd]
-                                     // 4. Back to [b, t, heads·hd], output projection.
+        // 5. Back to [b, t, heads·hd], output projection.
         let out = out
             .reshape((b, self.num_heads, t, hd))?
             .transpose(1, 2)?
@@ -160,11 +212,18 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        past: &mut LayerKv,
+    ) -> Result<Tensor> {
         // 1. x + scale_attn · attn(norm(x)).
         let a = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
+            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask, past)?;
         let x = (x + a.broadcast_mul(&self.self_attn_layer_scale)?)?;
         // 2. x + scale_mlp · mlp(norm(x)).
         let m = self
@@ -214,16 +273,41 @@ impl PreTransformer {
         })
     }
 
-    /// `[b, t, hidden]` → `[b, t, hidden]`.
+    /// `[b, t, hidden]` → `[b, t, hidden]`, positions `0..t`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_carried(x, &mut KvWindow::default())
+    }
+
+    /// The frames `x` (`[b, t, hidden]`) following those of earlier calls with the same `carried`
+    /// state: positions continue from there and attention sees the earlier frames' keys/values.
+    /// Outputs equal [`forward`](Self::forward)'s rows for the concatenated frames.
+    pub fn forward_carried(&self, x: &Tensor, carried: &mut KvWindow) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
-        // 1. Rotary tables for positions 0..t (plain 1-D rope) and the sliding-window causal mask.
-        let (cos, sin) = self.rope.cos_sin(&text_positions(0, t), x.device())?;
-        let mask = sliding_window_mask(t, self.sliding_window, x.device())?;
+        if carried.layers.is_empty() {
+            carried.layers = vec![LayerKv::default(); self.layers.len()];
+        }
+        let past = carried.layers[0].frames()?;
+        // 1. Rotary tables for the positions after the carried ones (plain 1-D rope) and the
+        //    sliding-window causal mask over [past frames, new frames].
+        let (cos, sin) = self
+            .rope
+            .cos_sin(&text_positions(carried.position as i64, t), x.device())?;
+        let mask = sliding_window_mask_after(t, past, self.sliding_window, x.device())?;
         // 2. Layers, 3. final RMSNorm.
         let mut h = x.clone();
-        for layer in &self.layers {
-            h = layer.forward(&h, &cos, &sin, &mask)?;
+        for (layer, kv) in self.layers.iter().zip(&mut carried.layers) {
+            h = layer.forward(&h, &cos, &sin, &mask, kv)?;
+        }
+        // 4. Keep what the next frames can see: the last `window - 1` frames.
+        carried.position += t;
+        let keep = (past + t).min(self.sliding_window - 1);
+        for kv in &mut carried.layers {
+            for tensor in [&mut kv.k, &mut kv.v] {
+                if let Some(x) = tensor.take() {
+                    let n = x.dim(2)?;
+                    *tensor = (keep > 0).then(|| x.narrow(2, n - keep, keep)).transpose()?;
+                }
+            }
         }
         self.norm.forward(&h)
     }
@@ -250,5 +334,16 @@ mod tests {
             .to_vec2::<f32>()
             .unwrap();
         assert!(m[3].iter().all(|&v| v == 0.0) && m[0][1] == f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn mask_after_earlier_keys_is_the_whole_masks_last_rows() {
+        let (past, t, window) = (5, 3, 4);
+        let whole = sliding_window_mask(past + t, window, &Device::Cpu).unwrap();
+        let after = sliding_window_mask_after(t, past, window, &Device::Cpu).unwrap();
+        assert_eq!(
+            after.to_vec2::<f32>().unwrap(),
+            whole.narrow(0, past, t).unwrap().to_vec2::<f32>().unwrap()
+        );
     }
 }
