@@ -1,152 +1,22 @@
-//! `omni`: the headless command line over the engine.
-//!
-//! `omni run` answers one prompt; `omni demo` runs the bundled tiny model. Progress and logs go to
-//! stderr; stdout carries only the answer (streamed text, or one JSON object with `--json`).
+//! `omni run` and `omni demo`: their arguments, loading the model, and answering one prompt (text on
+//! stdout, speech into a WAV), offline or through the streaming conversation API.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use omni_engine::chat::{user_turn, ChatMessage};
 use omni_engine::generation::{Sampler, StopRule};
 use omni_engine::gguf::model::GgufModelFiles;
-use omni_engine::gguf::quantize::QuantizeProgress;
 use omni_engine::pipeline::{LoadProgress, OmniModel};
 use omni_engine::tokenizer::TextStreamer;
 
-#[derive(Parser)]
-#[command(name = "omni", version, about = "Qwen3-Omni on your own machine: hear, think, answer")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Answer one prompt with a checkpoint.
-    Run(RunArgs),
-    /// Write GGUF files (thinker-, mmproj-, talker-<type>.gguf) from a safetensors checkpoint.
-    Quantize(QuantizeArgs),
-    /// Quality of GGUF files against their checkpoint: NMSE per stage, Thinker greedy top-1 agreement.
-    Eval(EvalArgs),
-    /// Write a random checkpoint with the real model's shapes, tensor by tensor (for size checks
-    /// and benchmarks).
-    #[command(hide = true)]
-    RandomCheckpoint(RandomCheckpointArgs),
-    /// Time a stage at the real model's shapes on random weights (see BENCHMARKS.md).
-    Bench {
-        #[command(subcommand)]
-        what: BenchWhat,
-        /// Where random real-shape weights are written once and reused.
-        #[arg(long, default_value = "target/omni-bench", global = true)]
-        cache: PathBuf,
-    },
-    /// Talk with the model live: microphone (or a WAV) in, speakers (or a WAV) out, push-to-talk or
-    /// hands-free, barge-in, echo cancellation. `omni talk --list-devices` lists the audio devices.
-    Talk(Box<omni_engine::realtime::talk::TalkArgs>),
-    /// Run the whole pipeline on the bundled tiny model (random weights: the output is gibberish).
-    Demo {
-        /// Prompt for the demo.
-        #[arg(long, default_value = "Hello! How are you today?")]
-        prompt: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchWhat {
-    /// Mel features + AuT encoder (32 layers, d_model 1280) on synthetic audio.
-    AudioEncoder {
-        /// Seconds of audio to encode.
-        #[arg(long, default_value_t = 60.0)]
-        seconds: f64,
-        /// Streaming encode: stems during speech (10 ms pushes), time left at the end vs offline.
-        #[arg(long)]
-        streaming: bool,
-    },
-    /// Talker frames/s, code predictor ms/frame, streaming Code2Wav, real-time factor, time to the
-    /// first audio chunk (real shapes, random Q8_0 weights made in memory: no files needed).
-    Speech {
-        /// Codec frames to make (80 ms of audio each).
-        #[arg(long, default_value_t = 100)]
-        frames: usize,
-        /// Rows of the Talker prefill (the user turn + 9 assistant rows).
-        #[arg(long, default_value_t = 80)]
-        prefill_rows: usize,
-        #[command(flatten)]
-        common: BenchCommon,
-    },
-    /// Thinker prefill and decode tokens/s (real shapes, random Q8_0 weights made in memory).
-    Thinker {
-        #[arg(long, default_value_t = 512)]
-        prompt_tokens: usize,
-        /// Tokens to decode.
-        #[arg(long, default_value_t = 32)]
-        gen: usize,
-        /// Thinker decoder layers to load (48 = all, ~35 GB at Q8_0); fewer are extrapolated.
-        #[arg(long, default_value_t = 48)]
-        layers: usize,
-        #[command(flatten)]
-        common: BenchCommon,
-    },
-    /// The Q8_0 product kernels alone: GMAC/s at the shapes of the latency path, all threads and one.
-    Matmul {
-        /// Timed calls per shape (median).
-        #[arg(long, default_value_t = 50)]
-        iters: usize,
-        #[command(flatten)]
-        common: BenchCommon,
-    },
-    /// End of user speech → first answer audio, stage by stage (real shapes, random Q8_0 weights).
-    Latency {
-        /// Seconds of user speech.
-        #[arg(long, default_value_t = 5.0)]
-        speech_seconds: f64,
-        /// Tokens of the system prompt.
-        #[arg(long, default_value_t = 40)]
-        system_tokens: usize,
-        /// Thinker decoder layers to load (48 = all, ~35 GB at Q8_0); fewer are extrapolated.
-        #[arg(long, default_value_t = 48)]
-        layers: usize,
-        /// Run the turn through the streaming conversation API (Thinker and Talker threads) instead
-        /// of the stage-by-stage composition.
-        #[arg(long)]
-        conversation: bool,
-        /// Prefill the system prompt and the user turn's opening after the end of speech too, as if
-        /// nothing were primed while the user spoke (the product primes them: `Conversation::prime`).
-        #[arg(long)]
-        no_prime: bool,
-        #[command(flatten)]
-        common: BenchCommon,
-    },
-}
-
-/// Options every in-memory bench takes.
-#[derive(Args, Clone)]
-struct BenchCommon {
-    /// Threads for candle (sets RAYON_NUM_THREADS and CANDLE_NUM_THREADS); default: physical cores.
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Print JSON on stdout (the table goes to stderr).
-    #[arg(long)]
-    json: bool,
-    /// Seed of the random weights and sampling.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Frames per streaming Code2Wav chunk (default: the product's).
-    #[arg(long)]
-    chunk_frames: Option<usize>,
-    /// Frames of the first Code2Wav chunk in `bench latency` (default: the product's, 1).
-    #[arg(long)]
-    first_chunk_frames: Option<usize>,
-}
-
 #[derive(Args)]
-struct RunArgs {
+pub(super) struct RunArgs {
     /// Checkpoint directory (config.json, tokenizer.json, *.safetensors, or GGUF files from
     /// `omni quantize`), or a hub id such as Qwen/Qwen3-Omni-30B-A3B-Instruct (downloaded when the
     /// network allows).
@@ -235,37 +105,7 @@ impl LoadProgress for BarProgress {
     }
 }
 
-fn main() -> ExitCode {
-    omni_engine::quant::keep_freed_memory();
-    omni_engine::quant::limit_candle_pool_spinning();
-    // (Denormals are flushed by the first forward on the pool: starting the pool here would fix its
-    // size before `--threads` of the benches is read.)
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("OMNI_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run(args) => run(&args),
-        Command::Quantize(args) => quantize(&args),
-        Command::Eval(args) => eval(&args),
-        Command::RandomCheckpoint(args) => random_checkpoint(&args),
-        Command::Demo { prompt } => demo(&prompt),
-        Command::Talk(args) => omni_engine::realtime::talk::run(&args),
-        Command::Bench { what, cache } => bench(&what, &cache),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(args: &RunArgs) -> Result<()> {
+pub(super) fn run(args: &RunArgs) -> Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
@@ -574,87 +414,6 @@ fn answer(
     Ok(())
 }
 
-fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
-    match what {
-        BenchWhat::AudioEncoder { seconds, streaming } => {
-            if !(*seconds > 0.0 && *seconds <= 3600.0) {
-                bail!("--seconds must be in (0, 3600]");
-            }
-            if *streaming {
-                let r = omni_engine::audio::stream::bench_streaming_audio_encoder(cache, *seconds)?;
-                println!("{}", serde_json::to_string(&r)?);
-                return Ok(());
-            }
-            let r = omni_engine::bench::bench_audio_encoder(cache, *seconds)?;
-            println!("{}", serde_json::to_string(&r)?);
-        }
-        BenchWhat::Speech { frames, prefill_rows, common } => {
-            use omni_engine::bench::speech::{bench_speech, SpeechBenchOptions};
-            omni_engine::bench::machine::set_threads(common.threads)?;
-            let mut o = SpeechBenchOptions { frames: *frames, prefill_rows: *prefill_rows, seed: common.seed, ..Default::default() };
-            o.chunk_frames = common.chunk_frames.unwrap_or(o.chunk_frames);
-            let r = bench_speech(&o)?;
-            print_bench(common.json, &r.table(), &r)?;
-        }
-        BenchWhat::Thinker { prompt_tokens, gen, layers, common } => {
-            use omni_engine::bench::thinker::{bench_thinker, ThinkerBenchOptions};
-            omni_engine::bench::machine::set_threads(common.threads)?;
-            let o = ThinkerBenchOptions { prompt_tokens: *prompt_tokens, gen_tokens: *gen, layers: *layers, seed: common.seed };
-            let r = bench_thinker(&o)?;
-            print_bench(common.json, &r.table(), &r)?;
-        }
-        BenchWhat::Matmul { iters, common } => {
-            use omni_engine::bench::matmul::{bench_matmul, default_shapes};
-            omni_engine::bench::machine::set_threads(common.threads)?;
-            let r = bench_matmul(&default_shapes(), *iters)?;
-            print_bench(common.json, &r.table(), &r)?;
-        }
-        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: true, no_prime, common } => {
-            omni_engine::bench::machine::set_threads(common.threads)?;
-            let r = omni_engine::bench::conversation::bench_conversation_latency(
-                *speech_seconds,
-                *system_tokens,
-                *layers,
-                common.chunk_frames.unwrap_or(8),
-                common.seed,
-                !*no_prime,
-            )?;
-            print_bench(common.json, &r.table(), &r)?;
-        }
-        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: false, no_prime, common } => {
-            use omni_engine::bench::latency::{bench_latency, LatencyBenchOptions};
-            omni_engine::bench::machine::set_threads(common.threads)?;
-            let mut o = LatencyBenchOptions {
-                speech_seconds: *speech_seconds,
-                system_tokens: *system_tokens,
-                layers: *layers,
-                seed: common.seed,
-                prime: !*no_prime,
-                ..Default::default()
-            };
-            o.chunk_frames = common.chunk_frames.unwrap_or(o.chunk_frames);
-            o.first_chunk_frames = common.first_chunk_frames.unwrap_or(o.first_chunk_frames);
-            let r = bench_latency(&o)?;
-            print_bench(common.json, &r.table(), &r)?;
-        }
-    }
-    Ok(())
-}
-
-/// A bench result: the table on stdout, or JSON on stdout and the table on stderr.
-fn print_bench(json: bool, table: &str, result: &impl serde::Serialize) -> Result<()> {
-    if json {
-        eprint!("{table}");
-        println!("{}", serde_json::to_string_pretty(result)?);
-    } else {
-        print!("{table}");
-    }
-    if omni_engine::profile::enabled() {
-        eprint!("\nwhere the time went (OMNI_PROFILE; nested spans overlap):\n{}", omni_engine::profile::table(&omni_engine::profile::take()));
-    }
-    Ok(())
-}
-
 fn report_unused(model: &OmniModel) {
     let groups = model.weights.unused_summary();
     if !groups.is_empty() {
@@ -677,7 +436,7 @@ fn demo_model_dir() -> Result<PathBuf> {
     bail!("the bundled demo model was not found (looked in assets/demo-model); run from the repository root")
 }
 
-fn demo(prompt: &str) -> Result<()> {
+pub(super) fn demo(prompt: &str) -> Result<()> {
     let dir = demo_model_dir()?;
     eprintln!("omni demo: the tiny bundled model in {} has RANDOM weights,", dir.display());
     eprintln!("so its answer is gibberish; it shows the pipeline working end to end.");
@@ -711,179 +470,4 @@ fn load_model(args: &RunArgs) -> Result<OmniModel> {
     }
     let dir = dir.expect("clap requires --model without --thinker");
     OmniModel::load(&dir, &mut BarProgress(None))
-}
-
-#[derive(Args)]
-struct QuantizeArgs {
-    /// Safetensors checkpoint directory.
-    #[arg(long)]
-    model: PathBuf,
-    /// Output directory.
-    #[arg(long)]
-    out: PathBuf,
-    /// Type of the weight matrices: q8_0, f16, bf16 or f32 (norms, biases, gates stay f32).
-    #[arg(long = "type", default_value = "q8_0")]
-    ty: String,
-    /// Type for the Thinker's matrices (default: --type).
-    #[arg(long)]
-    thinker_type: Option<String>,
-    /// Type for the vision encoder (default: --type).
-    #[arg(long)]
-    vision_type: Option<String>,
-    /// Type for the audio encoder (default: --type).
-    #[arg(long)]
-    audio_type: Option<String>,
-    /// Type for the Talker and code predictor (default: --type).
-    #[arg(long)]
-    talker_type: Option<String>,
-    /// Type for Code2Wav (default: --type).
-    #[arg(long)]
-    code2wav_type: Option<String>,
-    /// Only these files, comma-separated: thinker, mmproj, talker.
-    #[arg(long, value_delimiter = ',')]
-    only: Vec<String>,
-}
-
-/// A byte-count progress bar on stderr.
-struct BytesProgress(Option<ProgressBar>);
-
-impl QuantizeProgress for BytesProgress {
-    fn start(&mut self, file: &str, total: u64) {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {elapsed} (eta {eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar.set_message(file.to_string());
-        self.0 = Some(bar);
-    }
-    fn advance(&mut self, written: u64) {
-        if let Some(b) = &self.0 {
-            b.set_position(written);
-        }
-    }
-    fn finish(&mut self) {
-        if let Some(b) = self.0.take() {
-            b.finish_and_clear();
-        }
-    }
-}
-
-fn quantize(args: &QuantizeArgs) -> Result<()> {
-    use omni_engine::gguf::quantize::{install_interrupt_handler, parse_type, QuantizeOptions};
-    use omni_engine::gguf::{Component, FileKind};
-    let mut opts = QuantizeOptions::new(&args.model, &args.out, parse_type(&args.ty)?);
-    for (c, t) in [
-        (Component::Thinker, &args.thinker_type),
-        (Component::Vision, &args.vision_type),
-        (Component::Audio, &args.audio_type),
-        (Component::Talker, &args.talker_type),
-        (Component::Code2Wav, &args.code2wav_type),
-    ] {
-        if let Some(t) = t {
-            opts.component_types.insert(c, parse_type(t)?);
-        }
-    }
-    for f in &args.only {
-        opts.files.push(match f.as_str() {
-            "thinker" => FileKind::Thinker,
-            "mmproj" => FileKind::Mmproj,
-            "talker" => FileKind::Talker,
-            other => bail!("--only: unknown file {other:?} (thinker, mmproj, talker)"),
-        });
-    }
-    install_interrupt_handler();
-    let written = omni_engine::gguf::quantize::quantize(&opts, &mut BytesProgress(None))?;
-    for w in &written {
-        let types: Vec<String> = w.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
-        eprintln!(
-            "{}: {:.1} MB, {} tensors ({})",
-            w.path.display(),
-            w.bytes as f64 / 1e6,
-            w.tensors,
-            types.join(", ")
-        );
-    }
-    Ok(())
-}
-
-#[derive(Args)]
-struct EvalArgs {
-    /// The safetensors checkpoint the GGUF files were made from (the f32 reference).
-    #[arg(long)]
-    model: PathBuf,
-    /// Directory of GGUF files.
-    #[arg(long)]
-    gguf: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    thinker: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    mmproj: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    talker: Option<PathBuf>,
-    /// Tokens of greedy continuation per prompt (golden cases use their own).
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
-}
-
-fn eval(args: &EvalArgs) -> Result<()> {
-    let files = GgufModelFiles::with_overrides(
-        args.gguf.as_deref(),
-        args.thinker.as_deref(),
-        args.mmproj.as_deref(),
-        args.talker.as_deref(),
-    )?;
-    let report = omni_engine::gguf::eval::evaluate(&args.model, &files, args.max_new_tokens)?;
-    for s in &report.stages {
-        eprintln!("{:<14} NMSE {:.3e}  ({})", s.stage, s.nmse, s.what);
-    }
-    let t = &report.thinker;
-    eprintln!(
-        "thinker top-1 agreement {:.2}% ({}/{} positions), greedy identical in {}/{} prompts",
-        100.0 * t.top1_agreement,
-        t.agreeing,
-        t.positions,
-        t.greedy_identical_cases,
-        t.cases.len()
-    );
-    for w in &report.weights {
-        eprintln!("weights {:<9} NMSE {:.3e} over {} tensors", w.component, w.nmse, w.tensors);
-    }
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
-}
-
-#[derive(Args)]
-struct RandomCheckpointArgs {
-    /// Output directory (config.json, tokenizer files, sharded bf16 safetensors).
-    #[arg(long)]
-    out: PathBuf,
-    /// config.json to take the shapes from (default: the real Qwen3-Omni-30B-A3B-Instruct).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Keep only this many Thinker decoder layers (the real model has 48).
-    #[arg(long)]
-    thinker_layers: Option<usize>,
-    /// Keep only this many Talker decoder layers.
-    #[arg(long)]
-    talker_layers: Option<usize>,
-    /// Only these components, comma-separated (thinker, vision, audio, talker, code2wav).
-    #[arg(long, value_delimiter = ',')]
-    only: Vec<String>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-}
-
-fn random_checkpoint(args: &RandomCheckpointArgs) -> Result<()> {
-    use omni_engine::gguf::random::{write_random_checkpoint, RandomCheckpointOptions};
-    let opts = RandomCheckpointOptions {
-        config: args.config.clone(),
-        thinker_layers: args.thinker_layers,
-        talker_layers: args.talker_layers,
-        only: args.only.clone(),
-        seed: args.seed,
-    };
-    let summary = write_random_checkpoint(&args.out, &opts, &mut BytesProgress(None))?;
-    println!("{}", serde_json::to_string(&summary)?);
-    Ok(())
 }
