@@ -91,6 +91,10 @@ pub(super) struct BenchCommon {
     /// Frames of the first Code2Wav chunk in `bench latency` (default: the product's, 1).
     #[arg(long)]
     first_chunk_frames: Option<usize>,
+    /// Code2Wav frames re-decoded before each chunk, as the reference's `chunked_decode` (25)
+    /// (default: the product's, every layer's state carried between chunks).
+    #[arg(long)]
+    left_context: Option<usize>,
 }
 
 pub(super) fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
@@ -112,6 +116,7 @@ pub(super) fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
             omni_engine::bench::machine::set_threads(common.threads)?;
             let mut o = SpeechBenchOptions { frames: *frames, prefill_rows: *prefill_rows, seed: common.seed, ..Default::default() };
             o.chunk_frames = common.chunk_frames.unwrap_or(o.chunk_frames);
+            o.left_context = common.left_context.or(o.left_context);
             let r = bench_speech(&o)?;
             print_bench(common.json, &r.table(), &r)?;
         }
@@ -129,6 +134,9 @@ pub(super) fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
             print_bench(common.json, &r.table(), &r)?;
         }
         BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: true, no_prime, common } => {
+            if common.left_context.is_some() {
+                bail!("--left-context applies to the stage bench; --conversation streams as the product does");
+            }
             omni_engine::bench::machine::set_threads(common.threads)?;
             let r = omni_engine::bench::conversation::bench_conversation_latency(
                 *speech_seconds,
@@ -153,6 +161,7 @@ pub(super) fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
             };
             o.chunk_frames = common.chunk_frames.unwrap_or(o.chunk_frames);
             o.first_chunk_frames = common.first_chunk_frames.unwrap_or(o.first_chunk_frames);
+            o.left_context = common.left_context.or(o.left_context);
             let r = bench_latency(&o)?;
             print_bench(common.json, &r.table(), &r)?;
         }
