@@ -50,6 +50,8 @@ pub struct ConversationLatency {
     pub speech_seconds: f64,
     pub chunk_frames: usize,
     pub first_chunk_frames: usize,
+    /// Code2Wav frames re-decoded before each chunk; `None`: layer state carried (the product's).
+    pub left_context: Option<usize>,
     /// Tokens `Conversation::prime` prefilled before the end of speech, and the whole prompt's.
     pub primed_tokens: usize,
     pub prompt_tokens: usize,
@@ -62,7 +64,41 @@ pub struct ConversationLatency {
     pub streaming_encoder_finish_ms: f64,
     /// `first_audio_ms − audio_encode_ms + streaming_encoder_finish_ms`.
     pub end_of_speech_to_first_audio_ms: Option<f64>,
+    /// With `--answer-seconds`: how the answer's audio kept up with playback.
+    pub playback: Option<Playback>,
     pub notes: Vec<String>,
+}
+
+/// A player that starts with the first chunk, plays at the output rate and pauses whenever it runs
+/// dry, fed the answer's chunks as they arrived.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Playback {
+    /// Audio the answer produced (the bench stops it after `--answer-seconds`).
+    pub audio_s: f64,
+    /// First chunk → the last counted chunk, wall clock.
+    pub produced_in_s: f64,
+    /// Times the player ran dry, and for how long in all: also the delay before playback that
+    /// would have played the whole answer without a gap.
+    pub stalls: usize,
+    pub stalled_ms: f64,
+}
+
+impl Playback {
+    /// `chunks`: (arrival ms, samples) in arrival order.
+    pub fn simulate(chunks: &[(f64, usize)], sample_rate: f64) -> Option<Self> {
+        let (&(start, _), &(end, _)) = (chunks.first()?, chunks.last()?);
+        let (mut queued_s, mut stalled_ms, mut stalls) = (0.0, 0.0f64, 0);
+        for &(at, samples) in chunks {
+            // The player reaches this chunk's first sample at start + queued + stalled.
+            let late = at - start - queued_s * 1e3 - stalled_ms;
+            if late > 0.0 {
+                stalls += 1;
+                stalled_ms += late;
+            }
+            queued_s += samples as f64 / sample_rate;
+        }
+        Some(Self { audio_s: queued_s, produced_in_s: (end - start) / 1e3, stalls, stalled_ms })
+    }
 }
 
 /// A byte-level BPE tokenizer (no merges) with Qwen's special tokens and role words at their real ids.
@@ -150,7 +186,12 @@ pub fn bench_conversation_latency(
     chunk_frames: usize,
     seed: u64,
     prime: bool,
+    answer_seconds: f64,
+    left_context: Option<usize>,
 ) -> Result<ConversationLatency> {
+    if !(0.0..=120.0).contains(&answer_seconds) {
+        bail!("--answer-seconds must be in [0, 120], got {answer_seconds}");
+    }
     if !(speech_seconds > 0.0 && speech_seconds <= 300.0) {
         bail!("--speech-seconds must be in (0, 300], got {speech_seconds}");
     }
@@ -220,6 +261,9 @@ pub fn bench_conversation_latency(
         "abcdefghijklmnopqrstuvwxyz".repeat(system_tokens / 26 + 1)[..system_tokens].to_string(),
     );
     opts.chunking.chunk_frames = chunk_frames;
+    if let Some(n) = left_context {
+        opts.chunking.context = crate::code2wav::ChunkContext::Redecoded(n);
+    }
     opts.max_new_tokens = 64;
     let first_chunk_frames = opts.chunking.first_chunk_frames;
     let mut conv = Conversation::new(model.clone(), Some(speech), opts)?;
@@ -227,17 +271,23 @@ pub fn bench_conversation_latency(
     let primed_tokens = if prime { conv.prime()? } else { 0 };
     let cancel = CancelToken::new();
     let mut first_audio_seen = None;
+    let (mut chunks, mut answer_samples) = (Vec::new(), 0usize);
+    let sample_rate = conv_sample_rate(&ccfg);
     let t = Instant::now();
     let stream = conv.answer_encoded(EncodedUserTurn::audio(audio_tokens), cancel.clone())?;
     drop(samples);
     let summary = stream.wait(|ev| {
-        if let AnswerEvent::AudioChunk(_) = ev {
-            if first_audio_seen.is_none() {
-                first_audio_seen = Some(ms_since(t));
+        if let AnswerEvent::AudioChunk(chunk) = ev {
+            first_audio_seen.get_or_insert(ms_since(t));
+            chunks.push((ms_since(t), chunk.samples.len()));
+            answer_samples += chunk.samples.len();
+            // Stop at the first chunk, or once the answer has spoken `answer_seconds`.
+            if answer_samples as f64 >= answer_seconds * sample_rate {
                 cancel.cancel();
             }
         }
     })?;
+    let playback = if answer_seconds > 0.0 { Playback::simulate(&chunks, sample_rate) } else { None };
     let tm = &summary.timings;
     let first_audio_ms = tm.first_audio_ms.or(first_audio_seen);
     let extrapolated = layers != REAL_THINKER_LAYERS;
@@ -257,6 +307,7 @@ pub fn bench_conversation_latency(
         speech_seconds,
         chunk_frames,
         first_chunk_frames,
+        left_context,
         primed_tokens,
         prompt_tokens: summary.prompt_tokens,
         audio_encode_ms: tm.audio_encode_ms,
@@ -265,8 +316,33 @@ pub fn bench_conversation_latency(
         first_audio_ms,
         streaming_encoder_finish_ms,
         end_of_speech_to_first_audio_ms: first_audio_ms.map(|f| f + streaming_encoder_finish_ms),
+        playback,
         notes,
     })
+}
+
+/// Code2Wav's output rate: samples per frame × 12.5 frames/s.
+fn conv_sample_rate(c: &crate::config::Code2WavConfig) -> f64 {
+    c.upsampling_ratios.iter().chain(&c.upsample_rates).product::<usize>() as f64 * crate::code2wav::CODEC_FRAME_RATE_HZ
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Playback;
+
+    #[test]
+    fn playback_counts_the_gaps_a_player_would_hear() {
+        // 1 s chunks arriving every 0.5 s: never dry.
+        let p = Playback::simulate(&[(100.0, 10), (600.0, 10), (1100.0, 10)], 10.0).unwrap();
+        assert_eq!((p.stalls, p.stalled_ms, p.audio_s, p.produced_in_s), (0, 0.0, 3.0, 1.0));
+        // 0.5 s chunks every 1 s: dry for 0.5 s before each later chunk.
+        let p = Playback::simulate(&[(0.0, 5), (1000.0, 5), (2000.0, 5)], 10.0).unwrap();
+        assert_eq!((p.stalls, p.stalled_ms), (2, 1000.0));
+        // A late chunk after a long one: the stall only counts what the queue did not cover.
+        let p = Playback::simulate(&[(0.0, 20), (2500.0, 5)], 10.0).unwrap();
+        assert_eq!((p.stalls, p.stalled_ms), (1, 500.0));
+        assert_eq!(Playback::simulate(&[], 10.0), None);
+    }
 }
 
 impl ConversationLatency {
@@ -296,8 +372,10 @@ impl ConversationLatency {
             "first audio chunk",
             opt(self.first_audio_ms),
             format!(
-                "from the answer call; first chunk {} frames, then {}",
-                self.first_chunk_frames, self.chunk_frames
+                "from the answer call; first chunk {} frames, then {}{}",
+                self.first_chunk_frames,
+                self.chunk_frames,
+                self.left_context.map_or(String::new(), |n| format!(", {n} frames re-decoded before each"))
             ),
         );
         t.row(
@@ -310,6 +388,18 @@ impl ConversationLatency {
             opt(self.end_of_speech_to_first_audio_ms),
             "target < 1000 ms",
         );
+        if let Some(p) = &self.playback {
+            t.row(
+                "answer audio",
+                format!("{:.2} s", p.audio_s),
+                format!("made in {:.2} s from the first chunk (the Thinker still writing for 64 tokens)", p.produced_in_s),
+            );
+            t.row(
+                "playback stalls",
+                format!("{} / {:.0} ms", p.stalls, p.stalled_ms),
+                "a player from the first chunk; the total is the start delay a gapless answer needs",
+            );
+        }
         t.row(
             "load (incl. random weights)",
             format!("{:.1} s", self.load_s),

@@ -68,6 +68,10 @@ pub(super) enum BenchWhat {
         /// nothing were primed while the user spoke (the product primes them: `Conversation::prime`).
         #[arg(long)]
         no_prime: bool,
+        /// With --conversation: let the answer speak this many seconds (0: stop at the first chunk)
+        /// and report how a player fed its chunks would have stalled.
+        #[arg(long, default_value_t = 0.0)]
+        answer_seconds: f64,
         #[command(flatten)]
         common: BenchCommon,
     },
@@ -133,10 +137,7 @@ pub(super) fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
             let r = bench_matmul(&default_shapes(), *iters)?;
             print_bench(common.json, &r.table(), &r)?;
         }
-        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: true, no_prime, common } => {
-            if common.left_context.is_some() {
-                bail!("--left-context applies to the stage bench; --conversation streams as the product does");
-            }
+        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: true, no_prime, answer_seconds, common } => {
             omni_engine::bench::machine::set_threads(common.threads)?;
             let r = omni_engine::bench::conversation::bench_conversation_latency(
                 *speech_seconds,
@@ -145,10 +146,15 @@ pub(super) fn bench(what: &BenchWhat, cache: &Path) -> Result<()> {
                 common.chunk_frames.unwrap_or(8),
                 common.seed,
                 !*no_prime,
+                *answer_seconds,
+                common.left_context,
             )?;
             print_bench(common.json, &r.table(), &r)?;
         }
-        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: false, no_prime, common } => {
+        BenchWhat::Latency { speech_seconds, system_tokens, layers, conversation: false, no_prime, answer_seconds, common } => {
+            if *answer_seconds != 0.0 {
+                bail!("--answer-seconds needs --conversation");
+            }
             use omni_engine::bench::latency::{bench_latency, LatencyBenchOptions};
             omni_engine::bench::machine::set_threads(common.threads)?;
             let mut o = LatencyBenchOptions {
