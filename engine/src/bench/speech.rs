@@ -136,6 +136,7 @@ pub fn bench_speech(opts: &SpeechBenchOptions) -> Result<SpeechBench> {
         p.max_frames = opts.frames + 2;
         p
     };
+    crate::profile::perf_control("enable");
     let start = Instant::now();
     let mut stream = TalkerStream::new(&talker, &prefill, &params(0))?;
     let talker_prefill_ms = ms_since(start);
@@ -178,6 +179,7 @@ pub fn bench_speech(opts: &SpeechBenchOptions) -> Result<SpeechBench> {
     let t = Instant::now();
     let tail = c2w.finish()?;
     c2w_ms += ms_since(t);
+    crate::profile::perf_control("disable");
     let _ = tail;
     let audio_seconds = (opts.frames * spf) as f64 / rate;
     let feeds = (opts.frames - 1).max(1) as f64;
