@@ -2,11 +2,13 @@
 // as one JSON object on stdout, what our engine is compared with:
 //   - the token ids llama.cpp's tokenizer gives for --text (parse_special = true, no BOS added),
 //   - the greedy continuation (argmax, stopping at an end-of-generation token) of --prompt-ids,
+//   - with --force-ids, the argmax at each step of a given continuation fed back instead (teacher
+//     forcing: prediction i is made after the prompt and the first i forced tokens),
 //   - whether the mmproj file loads (mtmd_init_from_file, including its warm-up encode) and which
 //     modalities it supports.
 //
 //   omni-llama-check --model thinker.gguf [--mmproj mmproj.gguf] [--text TEXT]
-//                    [--prompt-ids 1,2,3] [--n 40] [--threads 2] [--kv-f16]
+//                    [--prompt-ids 1,2,3 [--force-ids 4,5,6]] [--n 40] [--threads 2] [--kv-f16]
 //
 // Built by tests/llamacpp/build.sh against libllama/libmtmd of the llama-cpp-python sdist.
 
@@ -35,12 +37,23 @@ static void json_ids(const std::vector<llama_token> & ids) {
     std::putchar(']');
 }
 
+static std::vector<llama_token> parse_ids(const std::string & s) {
+    std::vector<llama_token> ids;
+    for (const char * p = s.c_str(); *p;) {
+        char * end;
+        ids.push_back((llama_token) std::strtol(p, &end, 10));
+        if (end == p) break;
+        p = *end == ',' ? end + 1 : end;
+    }
+    return ids;
+}
+
 static void quiet_log(enum ggml_log_level level, const char * text, void *) {
     if (level >= GGML_LOG_LEVEL_WARN) { std::fputs(text, stderr); }
 }
 
 int main(int argc, char ** argv) {
-    std::string model_path, mmproj_path, text, prompt_ids;
+    std::string model_path, mmproj_path, text, prompt_ids, force_ids;
     int n_predict = 40, threads = 2;
     bool kv_f16 = false;
     for (int i = 1; i < argc; i++) {
@@ -53,6 +66,7 @@ int main(int argc, char ** argv) {
         else if (a == "--mmproj") mmproj_path = next();
         else if (a == "--text") text = next();
         else if (a == "--prompt-ids") prompt_ids = next();
+        else if (a == "--force-ids") force_ids = next();
         else if (a == "--n") n_predict = std::atoi(next().c_str());
         else if (a == "--threads") threads = std::atoi(next().c_str());
         else if (a == "--kv-f16") kv_f16 = true;
@@ -86,13 +100,9 @@ int main(int argc, char ** argv) {
     }
 
     if (!prompt_ids.empty()) {
-        std::vector<llama_token> prompt;
-        for (const char * p = prompt_ids.c_str(); *p;) {
-            char * end;
-            prompt.push_back((llama_token) std::strtol(p, &end, 10));
-            p = *end == ',' ? end + 1 : end;
-            if (end == p && *p) break;
-        }
+        std::vector<llama_token> prompt = parse_ids(prompt_ids);
+        const std::vector<llama_token> forced = parse_ids(force_ids);
+        if (!forced.empty()) n_predict = (int) forced.size();
         llama_context_params cp = llama_context_default_params();
         cp.n_ctx = 1024;
         cp.n_batch = 1024;
@@ -118,13 +128,18 @@ int main(int argc, char ** argv) {
             int best = 0;
             for (int v = 1; v < n_vocab; v++) if (logits[v] > logits[best]) best = v;
             tok = best;
-            if (llama_vocab_is_eog(vocab, tok)) break;
-            out.push_back(tok);
+            if (!forced.empty()) {
+                out.push_back(tok);
+                tok = forced[i];
+            } else {
+                if (llama_vocab_is_eog(vocab, tok)) break;
+                out.push_back(tok);
+            }
             batch = llama_batch_get_one(&tok, 1);
         }
         std::printf(",\"prompt_ids\":");
         json_ids(prompt);
-        std::printf(",\"greedy_ids\":");
+        std::printf(forced.empty() ? ",\"greedy_ids\":" : ",\"forced_argmax\":");
         json_ids(out);
         std::printf(",\"first_logits\":[");
         for (size_t v = 0; v < first_logits.size(); v++) std::printf(v ? ",%.6g" : "%.6g", first_logits[v]);
