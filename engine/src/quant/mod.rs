@@ -1,7 +1,9 @@
 //! CPU kernels for quantized weights, behind the [`crate::nn::Linear`] seam.
 //!
-//! - [`q8_0`]: the Q8_0 × Q8_0 micro-kernel (register-blocked tiles, bit-identical to candle's
-//!   `vec_dot`) and activation quantization.
+//! - [`q8_0`]: the Q8_0 × Q8_0 micro-kernel (register-blocked tiles, sums bit-identical to ggml's
+//!   and candle's `vec_dot`) and activation quantization as llama.cpp does it at run time (so a
+//!   product equals llama.cpp's CPU product on the same GGUF; candle's rounds a few activation
+//!   values per thousand the other way).
 //! - [`Q8Matrix`]: a Q8_0 matrix viewed in place (file map or memory, no copy) with a parallel
 //!   matmul over tiles of weight rows.
 //! - [`moe`]: a whole MoE expert step (gate, up, SiLU, down, weighted sum) in three parallel

@@ -89,7 +89,7 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    /// Quantizes `x [rows, k]` (`k` a multiple of [`QK`]) exactly as candle's `BlockQ8_0::from_float`.
+    /// Quantizes `x [rows, k]` (`k` a multiple of [`QK`]) with [`quantize_block`] (llama.cpp's run-time rounding).
     pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
         debug_assert_eq!(x.len(), rows * k);
         debug_assert_eq!(k % QK, 0);
@@ -111,14 +111,20 @@ impl QuantizedRows {
     }
 }
 
-/// One block, ggml's reference rounding (`round` half away from zero).
+/// One activation block as llama.cpp quantizes activations at run time on x86 (its AVX/AVX2
+/// `quantize_row_q8_0`, also in AVX-512 builds): scale `127 / amax` (not `1 / (amax / 127)`) and
+/// rounding half to even (`_mm256_round_ps`), where ggml's scalar reference — and candle — round
+/// half away from zero with `1 / d`. The two differ by one step in a few values per thousand; this
+/// one makes our products the peer's on the same GGUF.
 pub fn quantize_block(x: &[f32], out: &mut BlockQ8) {
+    // Adding and taking away 1.5·2^23 rounds |v| < 2^22 to the nearest integer, halves to even, in
+    // the default rounding mode: what `roundps` does, without a libm call per value.
+    const ROUND: f32 = 12_582_912.0;
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    out.d = f16::from_f32(d);
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    out.d = f16::from_f32(amax / 127.0);
     for (q, &v) in out.qs.iter_mut().zip(x) {
-        *q = f32::round(v * id) as i8;
+        *q = ((v * id + ROUND) - ROUND) as i8;
     }
 }
 
@@ -398,15 +404,29 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn quantization_matches_candle() {
+    fn quantization_is_llama_cpp_runtime_rounding() {
         use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+        // amax 127 → scale 1: halves round to even (llama.cpp's `_mm256_round_ps`), where ggml's
+        // scalar reference and candle round them away from zero.
+        let mut x = vec![0f32; QK];
+        x[..5].copy_from_slice(&[127.0, 2.5, -3.5, 0.5, -0.5]);
+        let ours = QuantizedRows::quantize(&x, 1, QK);
+        assert_eq!(&ours.blocks[0].qs[..5], &[127, 2, -4, 0, 0]);
+        assert_eq!(ours.blocks[0].d, f16::from_f32(1.0));
+        // Same layout (`repr(C)`, 34 bytes): read candle's blocks as ours.
+        let as_ours = |b: &[BlockQ8_0]| unsafe { std::slice::from_raw_parts(b.as_ptr() as *const BlockQ8, b.len()) }.to_vec();
+        let mut reference = vec![BlockQ8_0::zeros(); 1];
+        BlockQ8_0::from_float(&x, &mut reference);
+        assert_eq!(&as_ours(&reference)[0].qs[..5], &[127, 3, -4, 1, -1]);
+        // Elsewhere the same scale bits and each value within one step of the reference.
         let x = rand_rows(3, 96, 7);
         let ours = QuantizedRows::quantize(&x, 3, 96);
-        let mut theirs = vec![BlockQ8_0::zeros(); 9];
-        BlockQ8_0::from_float(&x, &mut theirs);
-        // Same layout (`repr(C)`, 34 bytes): compare the bytes.
-        let bytes = |p: *const u8| unsafe { std::slice::from_raw_parts(p, 9 * 34) }.to_vec();
-        assert_eq!(bytes(ours.blocks.as_ptr() as *const u8), bytes(theirs.as_ptr() as *const u8));
+        let mut reference = vec![BlockQ8_0::zeros(); 9];
+        BlockQ8_0::from_float(&x, &mut reference);
+        for (o, r) in ours.blocks.iter().zip(&as_ours(&reference)) {
+            assert_eq!(o.d.to_bits(), r.d.to_bits());
+            assert!(o.qs.iter().zip(&r.qs).all(|(a, b)| (*a as i16 - *b as i16).abs() <= 1));
+        }
     }
 
     #[test]
