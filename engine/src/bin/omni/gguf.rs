@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use omni_engine::gguf::model::GgufModelFiles;
 use omni_engine::gguf::quantize::QuantizeProgress;
@@ -46,13 +46,7 @@ struct BytesProgress(Option<ProgressBar>);
 
 impl QuantizeProgress for BytesProgress {
     fn start(&mut self, file: &str, total: u64) {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {elapsed} (eta {eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar.set_message(file.to_string());
-        self.0 = Some(bar);
+        self.0 = Some(super::progress_bar(total, "{msg} [{bar:30}] {bytes}/{total_bytes} {elapsed} (eta {eta})", file));
     }
     fn advance(&mut self, written: u64) {
         if let Some(b) = &self.0 {

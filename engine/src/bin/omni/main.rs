@@ -15,10 +15,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use bench::{bench, BenchWhat};
 use gguf::{eval, quantize, random_checkpoint, EvalArgs, QuantizeArgs, RandomCheckpointArgs};
 use run::{demo, run, RunArgs};
+
+/// A progress bar on stderr showing `message` and `template` (indicatif's syntax; the plain bar if it
+/// does not parse).
+fn progress_bar(total: u64, template: &str, message: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_message(message.to_string());
+    bar
+}
 
 #[derive(Parser)]
 #[command(name = "omni", version, about = "Qwen3-Omni on your own machine: hear, think, answer")]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::json;
 
 use omni_engine::chat::{user_turn, ChatMessage};
@@ -85,13 +85,7 @@ struct BarProgress(Option<ProgressBar>);
 
 impl LoadProgress for BarProgress {
     fn start(&mut self, what: &str, total: usize) {
-        let bar = ProgressBar::new(total as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers {elapsed}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar.set_message(what.to_string());
-        self.0 = Some(bar);
+        self.0 = Some(super::progress_bar(total as u64, "{msg} [{bar:30}] {pos}/{len} layers {elapsed}", what));
     }
     fn advance(&mut self, done: usize) {
         if let Some(b) = &self.0 {
