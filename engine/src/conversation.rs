@@ -9,7 +9,8 @@
 //! * the Thinker runs on a worker thread and sends [`AnswerEvent::TextDelta`] per token;
 //! * the Talker starts as soon as the Thinker's first token exists, on a second thread, consuming the
 //!   Thinker's tokens as they arrive (it waits, never guesses, when it gets ahead); Code2Wav decodes
-//!   small chunks with left context and sends [`AnswerEvent::AudioChunk`]s (see [`crate::stream`]);
+//!   small chunks, each layer's state carried from the last, and sends [`AnswerEvent::AudioChunk`]s
+//!   (see [`crate::stream`]);
 //! * [`AnswerEvent::Done`] ends every answer, with a [`TurnSummary`] (ids, text, codes, timings).
 //!
 //! Greedy streaming gives exactly the codes of the non-streaming path ([`crate::speech::SpeechModels::speak`]
@@ -83,7 +84,7 @@ pub struct ConversationOptions {
     pub max_new_tokens: usize,
     /// Thinker stop ids; `None`: the checkpoint's (generation_config.json, else `<|im_end|>`).
     pub stop_ids: Option<Vec<u32>>,
-    /// Code2Wav chunking: frames per chunk (80 ms each) and left-context frames.
+    /// Code2Wav chunking: frames per chunk (80 ms each) and where a chunk's left context comes from.
     pub chunking: StreamingOptions,
     /// Test hook, see [`TokenHook`].
     pub after_token: Option<TokenHook>,
@@ -117,8 +118,8 @@ pub const ANSWER_CHUNKING: StreamingOptions = StreamingOptions {
 
 impl ConversationOptions {
     /// The checkpoint's sampling (generation_config.json), the reference Talker sampling (seed 0),
-    /// 512 tokens, a first audio chunk of 1 frame (57 ms of audio) then chunks of 8 frames (0.64 s), with
-    /// 25 frames (2 s) of left context.
+    /// 512 tokens, a first audio chunk of 1 frame (57 ms of audio) then chunks of 8 frames (0.64 s),
+    /// Code2Wav's layer state carried between chunks ([`ANSWER_CHUNKING`]).
     pub fn new(model: &OmniModel) -> Self {
         Self {
             system: None,
