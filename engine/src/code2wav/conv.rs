@@ -131,7 +131,7 @@ impl CausalConv1d {
     /// Zeros standing for the causal padding before a stream's first column: the `tail` that
     /// [`step`](Self::step) starts from, `[1, in, kernel_eff - 1]`.
     pub fn initial_tail(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::zeros((1, self.in_channels, self.kernel_eff() - 1), DType::F32, device)?)
+        Ok(Tensor::zeros((1, self.in_channels, self.kernel_eff() - 1), self.weight.dtype(), device)?)
     }
 
     /// Streaming (stride 1): the outputs for the new columns `x` `[1, in, n]`, with `tail` the last
@@ -276,8 +276,8 @@ impl CausalTransConv1d {
         let _span = crate::profile::span("code2wav transposed conv");
         // 1. The new steps' contributions: [1, out, (n - 1)·s + k].
         let mut full = self.untrimmed(x, n)?;
-        // 2. Plus the previous steps' share of the first `k - s` samples (added after the new
-        //    share, as `forward` sums them: bit for bit the same).
+        // 2. Plus the previous steps' share of the first `k - s` samples, added after the new share
+        //    as `forward` adds them (with the model's `k <= 2s` one term each: the same bits).
         if let Some(pending) = state.pending.take() {
             let head = (full.narrow(D::Minus1, 0, k - s)? + pending)?;
             full = Tensor::cat(&[&head, &full.narrow(D::Minus1, k - s, (n - 1) * s + s)?], D::Minus1)?;
