@@ -1,7 +1,8 @@
 //! Streamed spoken answers (`omni_engine::conversation`) against the non-streaming path and the
 //! reference: greedy streamed codes equal the non-streamed codes and the goldens of
-//! `tests/golden/make_talker_fixtures.py`; the streamed waveform stays within 30 dB SNR of
-//! `chunked_decode(300, 25)`; the first audio chunk exists before the Thinker ends (proved causally:
+//! `tests/golden/make_talker_fixtures.py`; the streamed waveform (Code2Wav's layer state carried
+//! between chunks) is `chunked_decode(300, 25)` — the reference `forward` at these lengths — to float
+//! rounding (> 90 dB SNR); the first audio chunk exists before the Thinker ends (proved causally:
 //! the Thinker is held after its k-th token until a chunk arrives); cancellation; two turns with KV
 //! reuse equal a fresh run on the whole message list.
 
@@ -132,7 +133,7 @@ fn streamed_codes_equal_non_streamed_codes_and_the_reference() {
             opts.system = system;
             opts.speaker = Some(case["speaker"].as_str().unwrap().to_string());
             opts.stop_ids = Some(serde_json::from_value(case["thinker_eos"].clone()).unwrap());
-            opts.chunking = StreamingOptions::uniform(4, 25);
+            opts.chunking = StreamingOptions::carried(4);
             let mut conv = Conversation::new(model.clone(), Some(speech.clone()), opts.clone()).unwrap();
             let clips = turn.audio.clone();
             let streamed = collect(conv.answer(turn, CancelToken::new()).unwrap());
@@ -163,7 +164,7 @@ fn streamed_codes_equal_non_streamed_codes_and_the_reference() {
                 s.timings.first_audio_ms,
                 s.timings.total_ms
             );
-            assert!(snr > 30.0, "{case_name}: SNR {snr:.1} dB");
+            assert!(snr > 90.0, "{case_name}: SNR {snr:.1} dB");
         }
     }
 }
@@ -173,7 +174,7 @@ fn streamed_codes_equal_non_streamed_codes_and_the_reference() {
 fn long_answer(tokens: usize) -> ConversationOptions {
     let mut opts = ConversationOptions::greedy(tokens, 64);
     opts.stop_ids = Some(Vec::new());
-    opts.chunking = StreamingOptions::uniform(4, 25);
+    opts.chunking = StreamingOptions::carried(4);
     opts
 }
 
@@ -217,14 +218,14 @@ fn first_audio_chunk_arrives_before_the_thinker_finishes() {
             summary.token_ids.len(),
             summary.codes.len()
         );
-        // Longer than the left context: here chunks really decode with truncated context.
+        // Longer than the reference's 25-frame left context: carried state still gives the whole decode.
         let full = speech.code2wav.chunked_decode(&CodecFrames::new(summary.codes.clone()), 300, 25).unwrap();
         let snr = snr_db(&audio, &full);
         println!(
-            "{name}: {} frames in chunks of 4 (left context 25) vs chunked_decode(300, 25): SNR {snr:.1} dB",
+            "{name}: {} frames in chunks of 4 (layer state carried) vs chunked_decode(300, 25): SNR {snr:.1} dB",
             summary.codes.len()
         );
-        assert!(snr > 30.0, "{name}: SNR {snr:.1} dB");
+        assert!(snr > 90.0, "{name}: SNR {snr:.1} dB");
         assert!(
             !timed_out.load(Ordering::SeqCst),
             "{name}: no audio chunk while the Thinker was held after {K} tokens"
@@ -309,7 +310,7 @@ fn two_turns_with_kv_reuse_equal_a_fresh_run_on_the_message_list() {
         let (system, turn1) = prompt(&golden, "system");
         let mut opts = ConversationOptions::greedy(8, 12);
         opts.system = system;
-        opts.chunking = StreamingOptions::uniform(4, 25);
+        opts.chunking = StreamingOptions::carried(4);
         let mut conv = Conversation::new(model.clone(), Some(speech.clone()), opts.clone()).unwrap();
         let first = collect(conv.answer(turn1, CancelToken::new()).unwrap()).summary;
         // Turn 2 with audio: its Talker rows go through hidden_projection of states from this turn's prefill.
@@ -347,7 +348,7 @@ fn primed_turns_equal_unprimed_ones() {
         let (_, turn2) = prompt(&golden, "speech");
         let mut opts = ConversationOptions::greedy(8, 12);
         opts.system = system;
-        opts.chunking = StreamingOptions::uniform(4, 25);
+        opts.chunking = StreamingOptions::carried(4);
         let mut plain = Conversation::new(model.clone(), Some(speech.clone()), opts.clone()).unwrap();
         let mut primed = Conversation::new(model.clone(), Some(speech.clone()), opts).unwrap();
         let mut primed_counts = Vec::new();
@@ -402,7 +403,8 @@ fn cli_stream_gives_the_non_streamed_answer_and_wav() {
         streamed["codes"].as_array().unwrap().len(),
         streamed["timings"]["first_audio_ms"]
     );
-    assert!(snr > 30.0, "SNR {snr:.1} dB");
+    // 16-bit samples of the same waveform (to float rounding): a step apart at most here and there.
+    assert!(snr > 90.0, "SNR {snr:.1} dB");
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 2, "temp files left behind: {left:?}");
 }
