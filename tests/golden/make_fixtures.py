@@ -285,6 +285,22 @@ CONFIGS = {
     },
 }
 
+def _message(role: str, text: str) -> dict:
+    return {"role": role, "content": [{"type": "text", "text": text}]}
+
+
+def _user(text: str) -> dict:
+    return _message("user", text)
+
+
+def _system(text: str) -> dict:
+    return _message("system", text)
+
+
+def _assistant(text: str) -> dict:
+    return _message("assistant", text)
+
+
 # Chat cases for the Thinker. Each is (name, messages, max_new_tokens).
 TEXT_CASES = [
     ("hello", [{"role": "user", "content": [{"type": "text", "text": "Hello! How are you today?"}]}], 40),
@@ -298,6 +314,26 @@ TEXT_CASES = [
         {"role": "assistant", "content": [{"type": "text", "text": "A cat on a mat."}]},
         {"role": "user", "content": [{"type": "text", "text": "And the audio? Voici une phrase."}]},
     ], 36),
+    # Issue #5's Q8_0 agreement is counted over these prompts: nine more widen the sample (3 prompts
+    # resolved it only to 0.84 pp per token). Fixed before measuring; if one stops before 32 tokens on
+    # either fixture it is replaced by the next of REPLACEMENT_TEXT_CASES, never for its agreement.
+    ("code", [_user("Write a Python function that reverses a string.")], 40),
+    ("math", [_user("What is 17 times 23? Show your steps.")], 40),
+    ("translate", [_system("You are a translator."),
+                   _user("Translate to German: The train leaves at 7:45 tomorrow morning.")], 40),
+    ("recipe", [_user("Give me a quick recipe for pancakes.")], 40),
+    ("chinese", [_user("你好，请介绍一下你自己。")], 40),
+    ("tips", [_user("List three tips for better sleep.")], 40),
+    ("voice_system", [_system("You are Qwen-Omni, a voice assistant. Keep answers short, friendly and "
+                              "spoken-style; never use markdown."),
+                      _user("Can you remind me what a leap year is?")], 40),
+    ("followup", [_user("My name is Ada."), _assistant("Nice to meet you, Ada!"), _user("What is my name?")], 40),
+    ("units", [_user("Convert 98.6 °F to Celsius, please.")], 40),
+]
+REPLACEMENT_TEXT_CASES = [
+    ("story", [_user("Tell me a very short story about a robot.")], 40),
+    ("spell", [_user("How do you spell 'necessary'?")], 40),
+    ("joke", [_user("Tell me a joke about cats.")], 40),
 ]
 
 
