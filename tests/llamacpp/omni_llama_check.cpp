@@ -118,6 +118,9 @@ int main(int argc, char ** argv) {
         llama_context * ctx = llama_init_from_model(model, cp);
         std::vector<llama_token> out;
         std::vector<float> first_logits;
+        // llama.cpp ends generation at more tokens than the checkpoint's eos ids (its vocab also marks
+        // Qwen's <|fim_pad|>, <|repo_name|>, <|file_sep|> as end-of-generation); say which one stopped it.
+        llama_token stop_id = -1;
         llama_batch batch = llama_batch_get_one(prompt.data(), (int32_t) prompt.size());
         llama_token tok = 0;
         const int n_vocab = llama_vocab_n_tokens(vocab);
@@ -132,7 +135,7 @@ int main(int argc, char ** argv) {
                 out.push_back(tok);
                 tok = forced[i];
             } else {
-                if (llama_vocab_is_eog(vocab, tok)) break;
+                if (llama_vocab_is_eog(vocab, tok)) { stop_id = tok; break; }
                 out.push_back(tok);
             }
             batch = llama_batch_get_one(&tok, 1);
@@ -141,6 +144,7 @@ int main(int argc, char ** argv) {
         json_ids(prompt);
         std::printf(forced.empty() ? ",\"greedy_ids\":" : ",\"forced_argmax\":");
         json_ids(out);
+        std::printf(",\"stop_id\":%d", stop_id);
         std::printf(",\"first_logits\":[");
         for (size_t v = 0; v < first_logits.size(); v++) std::printf(v ? ",%.6g" : "%.6g", first_logits[v]);
         std::printf("]");
