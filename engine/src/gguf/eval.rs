@@ -5,8 +5,8 @@
 //!   logits NMSE (`Σ(q−r)² / Σr²` over every position and vocabulary entry) and greedy top-1
 //!   agreement (the share of continuation positions whose argmax is the same), plus whether free
 //!   greedy decoding gives the identical tokens.
-//! - Audio encoder and Code2Wav (when both sides have them): output NMSE on a fixed synthetic clip /
-//!   fixed random codes.
+//! - Audio encoder, vision encoder (merged embeddings and deepstack features) and Code2Wav (when both
+//!   sides have them): output NMSE on a fixed synthetic clip / picture / fixed random codes.
 //! - Every component: weight NMSE, the error the file's types put into the weights themselves.
 //!
 //! Prompts: the `thinker_text` cases of `golden/golden.json` when the checkpoint has one (the test
@@ -326,6 +326,48 @@ fn audio_stage(reference: &OmniModel, quantized: &OmniModel) -> Result<Option<St
     }))
 }
 
+/// The vision tower on one synthetic 96×64 picture (smooth gradients with a few edges, through the
+/// reference's image processor): the merged embeddings and, where the quantized side has them, the
+/// deepstack features.
+fn vision_stages(reference: &OmniModel, quantized: &OmniModel) -> Result<Vec<StageNmse>> {
+    let (Some(rv), Some(qv)) = (&reference.vision, &quantized.vision) else {
+        return Ok(Vec::new());
+    };
+    let (w, h) = (96usize, 64usize);
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let edge = if (x / 24 + y / 16) % 2 == 0 { 60 } else { 0 };
+            rgb.push(((x * 255 / w + edge) % 256) as u8);
+            rgb.push(((y * 255 / h + 2 * edge) % 256) as u8);
+            rgb.push((((x + y) * 2 + edge) % 256) as u8);
+        }
+    }
+    let pixels = crate::vision::preprocess(&crate::vision::RgbImage::new(w, h, rgb)?, &rv.processor)?;
+    let images = std::slice::from_ref(&pixels);
+    let (r, q) = (rv.encoder.forward(images)?, qv.encoder.forward(images)?);
+    let flat = |t: &candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let mut embeddings = Nmse::default();
+    embeddings.add(&flat(&q.embeddings)?, &flat(&r.embeddings)?);
+    let mut stages = vec![StageNmse {
+        stage: "vision_encoder".into(),
+        nmse: embeddings.value(),
+        what: format!("merged embeddings of one synthetic {w}×{h} picture ({} tokens)", r.per_image[0]),
+    }];
+    if !q.deepstack.is_empty() {
+        let mut deepstack = Nmse::default();
+        for (a, b) in q.deepstack.iter().zip(&r.deepstack) {
+            deepstack.add(&flat(a)?, &flat(b)?);
+        }
+        stages.push(StageNmse {
+            stage: "vision_deepstack".into(),
+            nmse: deepstack.value(),
+            what: format!("the {} deepstack features of the same picture", r.deepstack.len()),
+        });
+    }
+    Ok(stages)
+}
+
 fn code2wav_stage(reference: &OmniModel, quantized: &OmniModel) -> Result<Option<StageNmse>> {
     let Some(cfg) = &reference.config.code2wav_config else {
         return Ok(None);
@@ -460,6 +502,7 @@ pub fn evaluate(
     if let Some(s) = audio_stage(&reference, &quantized)? {
         stages.push(s);
     }
+    stages.extend(vision_stages(&reference, &quantized)?);
     stages.extend(talker_stages(&reference, &quantized)?);
     if let Some(s) = code2wav_stage(&reference, &quantized)? {
         stages.push(s);

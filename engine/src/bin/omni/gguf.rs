@@ -126,7 +126,7 @@ pub(super) fn eval(args: &EvalArgs) -> Result<()> {
     )?;
     let report = omni_engine::gguf::eval::evaluate(&args.model, &files, args.max_new_tokens)?;
     for s in &report.stages {
-        eprintln!("{:<14} NMSE {:.3e}  ({})", s.stage, s.nmse, s.what);
+        eprintln!("{:<16} NMSE {:.3e}  ({})", s.stage, s.nmse, s.what);
     }
     let t = &report.thinker;
     eprintln!(
