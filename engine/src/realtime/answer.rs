@@ -21,7 +21,7 @@ use crate::conversation::{
 };
 use crate::audio_encoder::AudioTokens;
 use crate::generation::{generate_from_embeds, FinishReason, Sampler, StopRule};
-use crate::pipeline::{NoProgress, OmniModel};
+use crate::pipeline::{LoadProgress, OmniModel};
 use crate::speech::SpeechModels;
 
 use super::encode::{sample_hash, spawn_encoder_thread, EncodeCommand, EncodeReport, EncodedSegment, HASH_START};
@@ -56,6 +56,12 @@ pub struct StreamingEncodeSetup {
 
 /// What the model thread reports to the controller.
 pub enum ModelEvent {
+    /// Loading the model: `done` of `total` steps of `what` (Thinker layers), at most every 100 ms.
+    Loading {
+        what: String,
+        done: usize,
+        total: usize,
+    },
     Loaded {
         load_ms: f64,
         speaks: bool,
@@ -86,6 +92,39 @@ pub enum ModelEvent {
     },
 }
 
+/// Load progress as [`ModelEvent::Loading`], throttled so a fast load sends a handful.
+struct EventProgress {
+    events: Sender<ModelEvent>,
+    what: String,
+    total: usize,
+    last: Option<Instant>,
+}
+
+impl EventProgress {
+    fn send(&mut self, done: usize, force: bool) {
+        if !force && self.last.is_some_and(|t| t.elapsed().as_millis() < 100) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let _ = self.events.send(ModelEvent::Loading { what: self.what.clone(), done, total: self.total });
+    }
+}
+
+impl LoadProgress for EventProgress {
+    fn start(&mut self, what: &str, total: usize) {
+        self.what = what.to_string();
+        self.total = total;
+        self.send(0, true);
+    }
+    fn advance(&mut self, done: usize) {
+        self.send(done, false);
+    }
+    fn finish(&mut self) {
+        let total = self.total;
+        self.send(total, true);
+    }
+}
+
 /// Loads `model_dir` on the model thread and answers requests until the channel closes.
 pub fn spawn_model_thread(
     model_dir: PathBuf,
@@ -106,7 +145,8 @@ pub fn spawn_model_thread(
                 });
             };
             let start = Instant::now();
-            let model = match OmniModel::load(&model_dir, &mut NoProgress) {
+            let mut progress = EventProgress { events: events.clone(), what: String::new(), total: 0, last: None };
+            let model = match OmniModel::load(&model_dir, &mut progress) {
                 Ok(m) => Arc::new(m),
                 Err(e) => return fail(e),
             };

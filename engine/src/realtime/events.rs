@@ -67,6 +67,12 @@ pub struct TurnTimings {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum TalkEvent {
+    /// The model is loading: `done` of `total` steps of `what` (Thinker layers), at most every 100 ms.
+    Loading {
+        what: String,
+        done: usize,
+        total: usize,
+    },
     /// Devices opened (or re-opened) and where the model runs.
     Ready {
         placement: DevicePlacement,

@@ -309,6 +309,12 @@ fn print_human(ev: &TalkEvent) -> Result<()> {
             std::io::stdout().flush()?;
         }
         TalkEvent::TurnDone { .. } => println!(),
+        TalkEvent::Loading { what, done, total } => {
+            eprint!("\r{what}: {done}/{total}");
+            if done >= total {
+                eprintln!();
+            }
+        }
         TalkEvent::Level { .. } | TalkEvent::Counters { .. } | TalkEvent::Echo { .. } => {}
         TalkEvent::Ready { placement } => eprintln!(
             "input {} ({} Hz), output {} ({} Hz), echo {}, {}",

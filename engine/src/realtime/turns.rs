@@ -215,10 +215,15 @@ impl Controller {
             play_tx.clone(),
             streaming,
         )?;
-        let speaks = match model_rx.recv() {
-            Ok(ModelEvent::Loaded { speaks, .. }) => speaks,
-            Ok(ModelEvent::Failed { message, .. }) => bail!("{message}"),
-            _ => bail!("the model thread ended while loading"),
+        let speaks = loop {
+            match model_rx.recv() {
+                Ok(ModelEvent::Loading { what, done, total }) => {
+                    let _ = events.send(TalkEvent::Loading { what, done, total });
+                }
+                Ok(ModelEvent::Loaded { speaks, .. }) => break speaks,
+                Ok(ModelEvent::Failed { message, .. }) => bail!("{message}"),
+                _ => bail!("the model thread ended while loading"),
+            }
         };
 
         // 2. Audio ends. Rings carry mono f32 at the device rate.
@@ -650,7 +655,7 @@ impl RunState {
 
     fn model_event(&mut self, ev: ModelEvent) {
         match ev {
-            ModelEvent::Loaded { .. } | ModelEvent::Audio { .. } => {}
+            ModelEvent::Loading { .. } | ModelEvent::Loaded { .. } | ModelEvent::Audio { .. } => {}
             ModelEvent::Encoded {
                 turn,
                 finish_ms,
