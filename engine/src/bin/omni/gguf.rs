@@ -98,6 +98,31 @@ pub(super) fn quantize(args: &QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--thinker/--mmproj/--talker`: GGUF files named one by one, over those found in a directory.
+#[derive(Args)]
+pub(super) struct GgufFileArgs {
+    /// A Thinker GGUF file (ours or llama.cpp's qwen3vlmoe), instead of the one in the directory.
+    #[arg(long, value_name = "FILE")]
+    pub thinker: Option<PathBuf>,
+    /// A vision + audio GGUF file (mmproj), instead of the one in the directory.
+    #[arg(long, value_name = "FILE")]
+    pub mmproj: Option<PathBuf>,
+    /// A Talker + Code2Wav GGUF file, instead of the one in the directory.
+    #[arg(long, value_name = "FILE")]
+    pub talker: Option<PathBuf>,
+}
+
+impl GgufFileArgs {
+    pub fn any(&self) -> bool {
+        self.thinker.is_some() || self.mmproj.is_some() || self.talker.is_some()
+    }
+
+    /// The files of `dir` (if any) with the named ones in their place.
+    pub fn resolve(&self, dir: Option<&std::path::Path>) -> Result<GgufModelFiles> {
+        GgufModelFiles::with_overrides(dir, self.thinker.as_deref(), self.mmproj.as_deref(), self.talker.as_deref())
+    }
+}
+
 #[derive(Args)]
 pub(super) struct EvalArgs {
     /// The safetensors checkpoint the GGUF files were made from (the f32 reference).
@@ -106,24 +131,15 @@ pub(super) struct EvalArgs {
     /// Directory of GGUF files.
     #[arg(long)]
     gguf: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    thinker: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    mmproj: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    talker: Option<PathBuf>,
+    #[command(flatten)]
+    files: GgufFileArgs,
     /// Tokens of greedy continuation per prompt (golden cases use their own).
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
 }
 
 pub(super) fn eval(args: &EvalArgs) -> Result<()> {
-    let files = GgufModelFiles::with_overrides(
-        args.gguf.as_deref(),
-        args.thinker.as_deref(),
-        args.mmproj.as_deref(),
-        args.talker.as_deref(),
-    )?;
+    let files = args.files.resolve(args.gguf.as_deref())?;
     let report = omni_engine::gguf::eval::evaluate(&args.model, &files, args.max_new_tokens)?;
     for s in &report.stages {
         eprintln!("{:<16} NMSE {:.3e}  ({})", s.stage, s.nmse, s.what);

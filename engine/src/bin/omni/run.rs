@@ -11,7 +11,6 @@ use serde_json::json;
 
 use omni_engine::chat::{user_turn, ChatMessage};
 use omni_engine::generation::{Sampler, StopRule};
-use omni_engine::gguf::model::GgufModelFiles;
 use omni_engine::pipeline::{LoadProgress, OmniModel};
 use omni_engine::tokenizer::TextStreamer;
 
@@ -22,15 +21,8 @@ pub(super) struct RunArgs {
     /// network allows).
     #[arg(long, required_unless_present = "thinker")]
     model: Option<PathBuf>,
-    /// A Thinker GGUF file (ours or llama.cpp's qwen3vlmoe), instead of the one in --model.
-    #[arg(long, value_name = "FILE")]
-    thinker: Option<PathBuf>,
-    /// A vision + audio GGUF file (mmproj), instead of the one in --model.
-    #[arg(long, value_name = "FILE")]
-    mmproj: Option<PathBuf>,
-    /// A Talker + Code2Wav GGUF file, instead of the one in --model.
-    #[arg(long, value_name = "FILE")]
-    talker: Option<PathBuf>,
+    #[command(flatten)]
+    files: super::gguf::GgufFileArgs,
     /// The user's text.
     #[arg(long)]
     prompt: String,
@@ -453,14 +445,8 @@ pub(super) fn demo(prompt: &str) -> Result<()> {
 /// `--model` (safetensors or GGUF directory, hub id) and/or explicit GGUF files.
 fn load_model(args: &RunArgs) -> Result<OmniModel> {
     let dir = args.model.as_deref().map(omni_engine::hub::resolve_model).transpose()?;
-    if args.thinker.is_some() || args.mmproj.is_some() || args.talker.is_some() {
-        let files = GgufModelFiles::with_overrides(
-            dir.as_deref(),
-            args.thinker.as_deref(),
-            args.mmproj.as_deref(),
-            args.talker.as_deref(),
-        )?;
-        return OmniModel::load_gguf(&files, &mut BarProgress(None));
+    if args.files.any() {
+        return OmniModel::load_gguf(&args.files.resolve(dir.as_deref())?, &mut BarProgress(None));
     }
     let dir = dir.expect("clap requires --model without --thinker");
     OmniModel::load(&dir, &mut BarProgress(None))
